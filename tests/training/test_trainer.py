@@ -254,3 +254,29 @@ def test_latent_cache_skips_the_encoders_after_the_first_epoch(tiny_model_dir, c
     assert trainer.cache.hits == 24 and trainer.cache.misses == 24
     with pytest.raises(Exception, match="random"):
         Trainer(make_config(tiny_model_dir("sd"), captions, tmp_path / "r2", f"data.cache_dir={tmp_path / 'c2'}")).setup()
+
+
+@pytest.mark.parametrize("family", ["sd", "sd3"])
+def test_train_text_encoder_updates_and_saves_every_text_encoder(tiny_model_dir, captions, tmp_path, family):
+    from safetensors.torch import load_file
+
+    model = tiny_model_dir(family)
+    result = train(make_config(model, captions, tmp_path / "run", "max_steps=2", "model.finetune=full",
+                               "model.train_text_encoder=true", "objective=sft"))
+    saved = result.final_weights
+    encoders = [p.parent.name for p in Path(model).glob("text_encoder*/model.safetensors")]
+    assert encoders
+    for component in encoders:
+        before = load_file(str(Path(model) / component / "model.safetensors"))
+        after = load_file(str(saved / component / "model.safetensors"))
+        changed = [k for k in before if not torch.equal(before[k].float(), after[k].float())]
+        assert len(changed) > len(before) // 2, component  # the encoder was trained, not just copied
+
+
+def test_train_text_encoder_is_refused_where_it_would_be_wrong(tiny_model_dir, captions, tmp_path):
+    model = tiny_model_dir("sd")
+    with pytest.raises(ConfigError, match="finetune=full"):
+        Trainer(make_config(model, captions, tmp_path / "a", "model.train_text_encoder=true")).setup()
+    with pytest.raises(ConfigError, match="cache_dir"):
+        Trainer(make_config(model, captions, tmp_path / "b", "model.train_text_encoder=true", "model.finetune=full",
+                            f"data.cache_dir={tmp_path / 'cache'}", "data.random_flip=false")).setup()

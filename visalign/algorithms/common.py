@@ -51,10 +51,10 @@ def paired_noising(
 
 def batch_cond(generator: Generator, batch: dict, prompts: list[str] | None = None, height: int | None = None,
                width: int | None = None) -> Cond:
-    """Encode a batch's prompts (frozen encoders, no gradient) with its size/crop conditioning."""
+    """Encode a batch's prompts with its size/crop conditioning (no gradient unless the text
+    encoders are being trained)."""
     prompts = batch["prompts"] if prompts is None else prompts
-    with torch.no_grad():
-        cond = generator.encode_prompt(prompts)
+    cond = generator.encode_prompt(prompts)
     if height is not None and width is not None:
         cond = generator.micro_conditioning(
             cond, batch.get("original_sizes"), batch.get("crop_top_lefts"), height, width

@@ -407,6 +407,8 @@ class Generator:
 
     def negative_cond(self, batch_size: int, negative_prompt: str = "") -> Cond:
         """The unconditional (empty- or negative-prompt) conditioning, cached, repeated to ``batch_size``."""
+        if getattr(self, "_text_encoders_trainable", False):  # changes every step: never cache
+            return self._encode_negative(negative_prompt).repeat_interleave(batch_size)
         key = (negative_prompt, self.device, self.dtype)
         if key not in self._negative_cache:
             self._negative_cache[key] = self._encode_negative(negative_prompt)
@@ -648,6 +650,28 @@ class Generator:
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.denoiser.parameters() if p.requires_grad]
+
+    @property
+    def text_encoders(self) -> dict[str, torch.nn.Module]:
+        """The pipeline's text encoders by component name (``text_encoder``, ``text_encoder_2``, ...)."""
+        names = ("text_encoder", "text_encoder_2", "text_encoder_3")
+        return {name: getattr(self.pipe, name) for name in names if getattr(self.pipe, name, None) is not None}
+
+    def enable_text_encoder_training(self) -> dict[str, torch.nn.Parameter]:
+        """Make every text-encoder weight trainable (as diffusers' ``--train_text_encoder``):
+        :meth:`encode_prompt` then builds a graph and the empty-prompt conditioning is no longer
+        cached. Returns the parameters by ``component.parameter`` name."""
+        parameters = {}
+        for component, encoder in self.text_encoders.items():
+            encoder.requires_grad_(True).train()
+            parameters.update({f"{component}.{n}": p for n, p in encoder.named_parameters()})
+        self._text_encoders_trainable = True
+        self._negative_cache.clear()
+        return parameters
+
+    def _prompt_grad(self):
+        """Gradient mode of prompt encoding: off unless the text encoders are being trained."""
+        return contextlib.nullcontext() if getattr(self, "_text_encoders_trainable", False) else torch.no_grad()
 
     def load_lora(self, path: str | os.PathLike, adapter_name: str = "default", trainable: bool = False) -> None:
         """Load diffusers-format LoRA weights (as written by :meth:`save_lora` or any trainer

@@ -118,7 +118,7 @@ class StableDiffusion3Generator(FlowGenerator):
 
     def encode_prompt(self, prompts: str | Sequence[str]) -> Cond:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        with torch.no_grad():
+        with self._prompt_grad():
             prompt_embeds, _, pooled, _ = self.pipe.encode_prompt(
                 prompt=prompts,
                 prompt_2=None,

@@ -24,6 +24,8 @@ class ModelConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     dtype: str = field("auto", help="dtype of the frozen weights: auto (= mixed precision dtype), float32, float16, bfloat16")
     gradient_checkpointing: bool = field(False, help="recompute denoiser activations in backward")
+    train_text_encoder: bool = field(False, help="also train the text encoders (finetune=full, objectives without a "
+                                                 "reference, one process, no latent cache)")
     attention: str = field("auto", help="auto, sdpa or xformers")
     reference: str | None = field(None, help="an earlier checkpoint (LoRA or model folder) as the reference policy")
 

@@ -175,13 +175,34 @@ class Trainer:
                 raise ConfigError(f"objective {self.config.objective!r} runs on one process only")
             self.trained_module.requires_grad_(True).train()
             parameters = list(self.trained_module.parameters())
+        names = [n for n, p in self.trained_module.named_parameters() if p.requires_grad]
+        if config.train_text_encoder:
+            text_parameters = self._set_up_text_encoder_training()
+            parameters = list(parameters) + list(text_parameters.values())
+            names += list(text_parameters)
         # Trainable weights in fp32 whatever the frozen weights' dtype (diffusers' cast_training_params).
         for p in parameters:
             p.data = p.data.float()
         self.parameters = parameters
-        self.parameter_names = [n for n, p in self.trained_module.named_parameters() if p.requires_grad]
+        self.parameter_names = names
         if not parameters:
             raise TrainingError("nothing to train: no parameter requires grad")
+
+    def _set_up_text_encoder_training(self) -> dict[str, torch.nn.Parameter]:
+        """``model.train_text_encoder``: the text encoders train with the denoiser (full fine-tuning)."""
+        why = None
+        if self.config.model.finetune != "full" or self.objective.trains != "denoiser":
+            why = "needs model.finetune=full on a denoiser objective"
+        elif self.objective.needs_reference:
+            why = (f"does not fit objective {self.config.objective!r}: its reference would see the trained "
+                   "text encoders' conditioning")
+        elif self.accelerator.num_processes > 1:
+            why = "runs on one process only (the text encoders are not wrapped for DDP)"
+        elif self.config.data.cache_dir:
+            why = "cannot use data.cache_dir (cached text embeddings would go stale)"
+        if why:
+            raise ConfigError(f"model.train_text_encoder {why}")
+        return self.generator.enable_text_encoder_training()
 
     @property
     def trained_module(self) -> torch.nn.Module:
