@@ -47,6 +47,8 @@ class BuildConfig:
     vae_batch_size: int = field(32, help="VAE batch size")
     vae_lr: float = field(2e-3, help="VAE peak learning rate (cosine schedule)")
     denoiser_steps: int = field(3000, help="denoiser pretraining steps per family")
+    train_text_encoder: bool = field(True, help="pretrain the (randomly initialised) text encoders with the "
+                                                "denoiser; frozen random ones condition too weakly")
     batch_size: int = field(32, help="denoiser batch size")
     lr: float = field(1e-3, help="denoiser peak learning rate (cosine schedule)")
     eval_images_per_prompt: int = field(2, help="held-out evaluation: images per prompt")
@@ -170,7 +172,9 @@ def pretrain(config: BuildConfig, family: str, vae_dir: Path, data: Path, work: 
     pipe.save_pretrained(initial, safe_serialization=True)
     # No flips: a mirrored image turns "left of" into "right of" and would corrupt position captions.
     return _train(initial, "sft", data, work / f"{family}-run", config.denoiser_steps, config.batch_size, config.lr,
-                  config.seed, {"prompt_dropout": 0.1}, ["ema.enabled=true", "ema.decay=0.999"], random_flip=False)
+                  config.seed, {"prompt_dropout": 0.1},
+                  ["ema.enabled=true", "ema.decay=0.999", f"model.train_text_encoder={str(config.train_text_encoder).lower()}"],
+                  random_flip=False)
 
 
 def ship(trained: Path, destination: Path) -> Path:
