@@ -119,6 +119,30 @@ def sample_command(config: SampleConfig):
     except (ModelLoadError, ConfigError) as error:
         raise click.ClickException(str(error)) from None
     click.echo(f"wrote {summary['images']} images and {summary['grid']}")
+    if "steering" in summary:
+        click.echo(f"mean reward {summary['mean_reward']:.4f}; diagnostics: {summary['steering']}")
+
+
+def _dashed_overrides(args: tuple[str, ...]) -> tuple[str, ...]:
+    """``--steer fk --particles=4 --adaptive`` → ``steer=fk particles=4 adaptive=true`` (and
+    ``key=value`` / a leading CONFIG.yaml unchanged), so ``visalign sample`` takes both styles."""
+    converted, items = [], list(args)
+    while items:
+        item = items.pop(0)
+        if not item.startswith("--"):
+            converted.append(item)
+        elif "=" in item:
+            converted.append(item[2:])
+        elif items and not items[0].startswith("--"):
+            converted.append(f"{item[2:]}={items.pop(0)}")
+        else:
+            converted.append(f"{item[2:]}=true")
+    return tuple(converted)
+
+
+sample_command.context_settings["ignore_unknown_options"] = True
+_sample_callback = sample_command.callback
+sample_command.callback = lambda args: _sample_callback(_dashed_overrides(args))
 
 
 from .training.config import TrainConfig  # noqa: E402
@@ -190,6 +214,31 @@ def _add_optional_commands() -> None:
 
 
 _add_optional_commands()
+
+
+@main.command("export")
+@click.argument("model")
+@click.argument("out")
+@click.option("--lora", default=None, help="a LoRA (folder or file, as save_lora writes) to merge into the weights")
+@click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), default=None,
+              help="dtype of the written weights (default: as loaded, float32)")
+@click.option("--config", default=None,
+              help="when MODEL is a single file and the hub is out of reach: a diffusers folder of its architecture")
+def export_command(model, out, lora, dtype, config):
+    """Write MODEL as one original-layout .safetensors checkpoint (AUTOMATIC1111, ComfyUI, Forge).
+
+    MODEL is a diffusers folder (a full fine-tune's OUTPUT_DIR/model), a hub id or a single-file
+    checkpoint; a LoRA run's OUTPUT_DIR/lora goes to --lora with its base model as MODEL. OUT
+    ends in .safetensors. See docs/models.md.
+    """
+    from .models import ModelLoadError
+    from .models.export import ExportError, export_single_file
+
+    try:
+        path = export_single_file(model, out, lora=lora, dtype=dtype, **({"config": config} if config else {}))
+    except (ModelLoadError, ExportError) as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
 
 
 if __name__ == "__main__":

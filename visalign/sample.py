@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from pipelines.sample import SteeringConfig
+
 from .config import ConfigError, configclass, field
 
 
@@ -29,6 +31,10 @@ class SampleConfig:
     dtype: str = field("auto", help="auto (fp16 on CUDA, fp32 on CPU), float32, float16 or bfloat16")
     device: str = field("auto", help="auto, cpu, cuda, cuda:1, ...")
     out: str = field("samples", help="output folder: PNGs, grid.png, samples.jsonl")
+    steer: str | None = field(None, help="steer with a reward: fk, best-of-n or guidance (docs/steering.md)")
+    reward: str | None = field(None, help="reward for steer: a registered name (visalign reward list) or a saved reward folder")
+    particles: int = field(4, help="steer=fk: particles per image; steer=best-of-n: candidates per image")
+    steering: SteeringConfig = field(default_factory=SteeringConfig, help="steering options (steering.lmbda=10, ...)")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -65,12 +71,20 @@ def run_sample(config: SampleConfig) -> dict:
     from .models import load_generator
 
     prompts = read_prompts(config)
+    if config.steer is not None:
+        from pipelines.sample import check_steer_config
+
+        check_steer_config(config)
     device = resolve_device(config.device)
     generator = load_generator(config.model, family=config.family, torch_dtype=resolve_dtype(config.dtype, device), device=device)
     if config.lora:
         generator.load_lora(config.lora)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
+    if config.steer is not None:
+        from pipelines.sample import run_steered
+
+        return run_steered(config, generator, prompts, out, device)
     jobs = [(p_index, prompt, i) for p_index, prompt in enumerate(prompts) for i in range(config.num_images_per_prompt)]
     rng = torch.Generator(device=device).manual_seed(config.seed)
     images, records = [], []
