@@ -288,22 +288,38 @@ class Generator:
         diffusers maps the checkpoint's keys onto its classes using a diffusers-layout config.
         With no hub access, pass ``config``: a local diffusers folder of the same architecture
         (e.g. a downloaded ``stable-diffusion-v1-5`` folder, or any folder with the same
-        ``model_index.json`` and component configs).
+        ``model_index.json`` and component configs; its scheduler and tokenizers are used, its
+        weights are not needed).
         """
-        from .loading import pipeline_class_for
+        from .loading import (
+            dtype_kwargs,
+            infer_single_file_family,
+            pipeline_class_for,
+            read_model_index,
+            verify_single_file_pipeline,
+        )
 
         path = Path(path)
         if not path.is_file():
             raise ModelLoadError(f"single-file checkpoint {path} does not exist")
         if path.suffix not in (".safetensors", ".sft"):
             raise ModelLoadError(f"{path}: only .safetensors single-file checkpoints are loaded (no pickles)")
+        family = infer_single_file_family(path)
+        if family != cls.family:
+            raise ModelLoadError(
+                f"{path} holds a {family!r} checkpoint, not {cls.family!r}; load it with "
+                f"visalign.models.load_generator({str(path)!r}) or the {family!r} family class"
+            )
         pipeline_class = pipeline_class_for(cls.family)
         if config is not None:
             kwargs["config"] = str(config)
-        from .loading import dtype_kwargs
-
+            if Path(config).is_dir():
+                # Components the config saves as null (SD3 without T5) must be passed as None.
+                index = read_model_index(config)
+                kwargs = {**{n: None for n, spec in index.items() if isinstance(spec, list) and spec[0] is None}, **kwargs}
         kwargs = {**dtype_kwargs(torch_dtype), **cls._load_kwargs(), **kwargs}
         pipe = pipeline_class.from_single_file(str(path), **kwargs)
+        verify_single_file_pipeline(pipe, path, cls.family)
         generator = cls(pipe, device=device)
         generator.set_attention(attention)
         return generator
@@ -334,6 +350,16 @@ class Generator:
         else:
             self.pipe.save_pretrained(path, safe_serialization=True)
         return path
+
+    def save_single_file(self, path: str | os.PathLike, *, dtype: torch.dtype | str | None = None,
+                         title: str | None = None) -> Path:
+        """Save the whole model as one original-layout ``.safetensors`` checkpoint, the format
+        AUTOMATIC1111, ComfyUI and diffusers' ``from_single_file`` read. LoRA adapters are merged
+        into the written weights; the live model keeps them. ``dtype``: ``"fp16"``, ``"bf16"``,
+        ``"fp32"`` or ``None`` (the weights' own). See :mod:`visalign.models.export`."""
+        from .export import export_single_file
+
+        return export_single_file(self, path, dtype=dtype, title=title)
 
     # ---------------------------------------------------------------- devices, attention, memory
 

@@ -10,8 +10,31 @@ import torch
 
 from .errors import ModelLoadError
 
-# diffusers' single-file model types (infer_diffusers_model_type) -> family.
-SINGLE_FILE_FAMILIES = {"v1": "sd", "v2": "sd", "xl_base": "sdxl", "playground-v2-5": "sdxl"}
+# diffusers' single-file model types (infer_diffusers_model_type) that are variants of a family
+# that the Generator cannot drive (extra input channels, a refiner without the base's encoders).
+UNSUPPORTED_SINGLE_FILE_TYPES = (
+    "inpainting", "inpainting_v2", "xl_inpaint", "xl_refiner", "upscale", "instruct-pix2pix",
+    "controlnet", "controlnet_xl_large", "controlnet_xl_mid", "controlnet_xl_small",
+)
+
+# Original-layout key of each text encoder's position embedding, by family and pipeline
+# component: how a loaded pipeline is checked against the file (see verify_single_file_pipeline).
+SINGLE_FILE_TEXT_ENCODER_KEYS = {
+    "sd": {
+        "text_encoder": (
+            "cond_stage_model.transformer.text_model.embeddings.position_embedding.weight",  # SD 1.x
+            "cond_stage_model.model.positional_embedding",  # SD 2.x (OpenCLIP)
+        ),
+    },
+    "sdxl": {
+        "text_encoder": ("conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight",),
+        "text_encoder_2": ("conditioner.embedders.1.model.positional_embedding",),
+    },
+    "sd3": {
+        "text_encoder": ("text_encoders.clip_l.transformer.text_model.embeddings.position_embedding.weight",),
+        "text_encoder_2": ("text_encoders.clip_g.transformer.text_model.embeddings.position_embedding.weight",),
+    },
+}
 
 
 def _pipeline_families() -> dict[str, str]:
@@ -66,20 +89,67 @@ def detect_family(path: str | os.PathLike, **kwargs) -> str:
     return families[class_name]
 
 
+def read_single_file_keys(path: str | os.PathLike) -> list[str]:
+    """The tensor names of a ``.safetensors`` file (its header only), or a clear error for a file
+    that is not one: truncated (an interrupted download), corrupt, or another format."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return list(handle.keys())
+    except Exception as error:  # SafetensorError, OSError: the reason is in the message
+        raise ModelLoadError(
+            f"{path} is not a readable .safetensors file ({error}); it may be truncated (an interrupted "
+            f"download or copy) or not a safetensors file at all"
+        ) from None
+
+
 def infer_single_file_family(path: str | os.PathLike) -> str:
-    """Guess the family of an original-layout single ``.safetensors`` file from its keys."""
+    """The family of an original-layout single ``.safetensors`` checkpoint, from its keys.
+
+    The family follows from which original modules the file holds (an MMDiT's ``joint_blocks``:
+    ``sd3``; SDXL's ``conditioner.embedders``: ``sdxl``; ``cond_stage_model``: ``sd``), so it is
+    right for any size of model. diffusers' own detection (which matches real checkpoints'
+    tensor shapes) then refuses variants the Generator cannot drive, such as inpainting models.
+    Only the header and a few small tensors are read.
+    """
     from diffusers.loaders.single_file_utils import infer_diffusers_model_type
     from safetensors import safe_open
 
-    # The inference reads key names and a few shapes; pass lazily-read tensors, not the whole file.
+    keys = read_single_file_keys(path)
+    denoiser = [key for key in keys if key.startswith("model.diffusion_model.")]
+    if not denoiser:
+        raise ModelLoadError(f"{path} is not an original-layout SD/SDXL/SD3 checkpoint: {_describe_foreign_keys(keys)}")
     with safe_open(str(path), framework="pt") as handle:
-        checkpoint = _LazyCheckpoint(handle)
-        model_type = infer_diffusers_model_type(checkpoint)
-    if model_type in SINGLE_FILE_FAMILIES:
-        return SINGLE_FILE_FAMILIES[model_type]
-    if model_type.startswith("sd3"):
+        model_type = infer_diffusers_model_type(_LazyCheckpoint(handle))
+    if model_type in UNSUPPORTED_SINGLE_FILE_TYPES:
+        raise ModelLoadError(
+            f"{path} is a {model_type!r} checkpoint, which visalign does not support (text-to-image SD 1.x/2.x, "
+            f"SDXL base and SD3 only)"
+        )
+    if any(key.startswith("model.diffusion_model.joint_blocks.") for key in denoiser):
         return "sd3"
-    raise ModelLoadError(f"{path}: single-file model type {model_type!r} is not supported; pass family= explicitly")
+    if any(key.startswith("conditioner.embedders.1.") for key in keys):
+        return "sdxl"
+    if any(key.startswith("cond_stage_model.") for key in keys):
+        return "sd"
+    raise ModelLoadError(
+        f"{path} holds a denoiser (model.diffusion_model.*) but no text encoder to tell its family from "
+        f"(cond_stage_model.* for SD, conditioner.embedders.* for SDXL); pass family= explicitly"
+    )
+
+
+def _describe_foreign_keys(keys: list[str]) -> str:
+    if not keys:
+        return "it holds no tensors"
+    sample = ", ".join(repr(key) for key in keys[:3])
+    if any("lora" in key.lower() for key in keys):
+        return f"it looks like a LoRA file (keys such as {sample}); load it with generator.load_lora(path)"
+    if any(key.startswith(("down_blocks.", "transformer_blocks.", "unet.", "transformer.", "encoder.down_blocks.")) for key in keys):
+        return (f"its keys ({sample}, ...) are in the diffusers layout; a diffusers model is a folder "
+                f"with model_index.json, loaded with load_generator(folder)")
+    return (f"no denoiser weights under 'model.diffusion_model.' (its keys start {sample}); expected the "
+            f"layout of A1111/ComfyUI checkpoints or visalign export")
 
 
 class _LazyCheckpoint(dict):
@@ -94,6 +164,42 @@ class _LazyCheckpoint(dict):
 
     def get(self, key, default=None):
         return self[key] if key in self else default
+
+
+def verify_single_file_pipeline(pipe, path: str | os.PathLike, family: str) -> None:
+    """Check a pipeline built by diffusers' ``from_single_file`` against the file.
+
+    diffusers leaves any weight it could not map on the meta device without an error, and it
+    tells text encoders apart by their widths (real SDXL: 768 and 1280), so encoders of equal
+    width get the wrong weights. Both are turned into errors that say what happened.
+    """
+    from safetensors import safe_open
+
+    for name, component in pipe.components.items():
+        if not isinstance(component, torch.nn.Module):
+            continue
+        missing = [n for n, p in list(component.named_parameters()) + list(component.named_buffers()) if p.is_meta]
+        if missing:
+            raise ModelLoadError(
+                f"{path}: {name} has {len(missing)} weights the checkpoint did not provide "
+                f"(e.g. {missing[:3]}); the file lacks them or diffusers could not map its keys"
+            )
+    with safe_open(str(path), framework="pt") as handle:
+        stored = set(handle.keys())
+        for name, candidates in SINGLE_FILE_TEXT_ENCODER_KEYS.get(family, {}).items():
+            encoder = getattr(pipe, name, None)
+            key = next((k for k in candidates if k in stored), None)
+            if encoder is None or key is None:  # not in the file: diffusers took it from the config folder
+                continue
+            loaded = getattr(encoder, "text_model", encoder).embeddings.position_embedding.weight
+            expected = handle.get_tensor(key).to(device=loaded.device, dtype=loaded.dtype)
+            if loaded.shape != expected.shape or not torch.equal(loaded, expected):
+                raise ModelLoadError(
+                    f"{path}: {name} does not hold the weights the file stores for it ({key} differs). diffusers "
+                    f"tells text encoders apart by their width, so a checkpoint whose text encoders are equally "
+                    f"wide (no real SDXL or SD3 checkpoint) gets them mixed up; load {name} yourself and pass it "
+                    f"to from_single_file(path, {name}=...)"
+                )
 
 
 def load_generator(
