@@ -60,3 +60,57 @@ def batch_cond(generator: Generator, batch: dict, prompts: list[str] | None = No
             cond, batch.get("original_sizes"), batch.get("crop_top_lefts"), height, width
         )
     return cond
+
+
+def batch_latents(generator: Generator, batch: dict, keys: tuple[str, ...], rng: torch.Generator | None = None
+                  ) -> list[Tensor]:
+    """Latents of the batch's image tensors ``keys`` (e.g. ``("winner", "loser")``): from the
+    trainer's latent cache when present, else VAE-encoded in **one** call (posterior samples,
+    as the reference scripts do)."""
+    cached = batch.get("cached")
+    if cached is not None:
+        return [cached[key] for key in keys]
+    images = torch.cat([batch[key] for key in keys]).to(generator.device)
+    with torch.no_grad():
+        latents = generator.encode(images, generator=rng)
+    return list(latents.chunk(len(keys)))
+
+
+def prompt_cond(generator: Generator, batch: dict, drop: Tensor | None = None) -> Cond:
+    """The batch's conditioning, from the cache when present; rows where ``drop`` is true get
+    the empty prompt (prompt dropout, which trains the unconditional branch CFG needs)."""
+    cached = batch.get("cached")
+    reference = batch["winner"] if "winner" in batch else batch["images"]
+    height, width = reference.shape[-2], reference.shape[-1]
+    if cached is not None:
+        cond = cached["cond"]
+        if drop is not None and drop.any():
+            cond = replace_rows(cond, generator.negative_cond(len(cond)), drop)
+        return generator.micro_conditioning(cond, batch.get("original_sizes"), batch.get("crop_top_lefts"),
+                                            height, width)
+    prompts = list(batch["prompts"])
+    if drop is not None:
+        prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
+    return batch_cond(generator, batch, prompts, height, width)
+
+
+def replace_rows(cond: Cond, other: Cond, mask: Tensor) -> Cond:
+    """``cond`` with the rows where ``mask`` is true taken from ``other`` (same batch size)."""
+    import dataclasses
+
+    values = {}
+    for item in dataclasses.fields(cond):
+        mine, theirs = getattr(cond, item.name), getattr(other, item.name)
+        if mine is None:
+            values[item.name] = None
+            continue
+        rows = mask.to(mine.device).reshape(-1, *([1] * (mine.dim() - 1)))
+        values[item.name] = torch.where(rows, theirs.to(mine), mine)
+    return type(cond)(**values)
+
+
+def prompt_dropout_mask(batch_size: int, probability: float, rng: torch.Generator | None) -> Tensor | None:
+    """Which samples train with the empty prompt (``None`` when ``probability`` is 0)."""
+    if probability <= 0:
+        return None
+    return torch.rand(batch_size, generator=rng, device=rng.device if rng is not None else None) < probability

@@ -22,6 +22,7 @@ import torch
 
 from ..config import configclass, field
 from ..training.objective import Objective, register_objective
+from ..preference_data import read_prompts
 from .common import denoising_loss
 
 
@@ -38,21 +39,6 @@ class RAFTOptions:
     guidance_scale: float = field(4.0, help="sampling CFG scale")
 
 
-def read_prompt_source(source: str) -> list[str]:
-    if source.startswith("testbed:"):
-        from ..testbed.prompts import load_prompts
-
-        return [record.prompt for record in load_prompts(source.split(":", 1)[1])]
-    from pathlib import Path
-
-    path = Path(source)
-    if not path.is_file():
-        from ..config import ConfigError
-
-        raise ConfigError(f"prompts file {path} does not exist")
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
-
-
 @register_objective("raft")
 class RAFT(Objective):
     data_kinds = ()
@@ -63,7 +49,7 @@ class RAFT(Objective):
         import rewards
 
         self.reward = rewards.load(self.options.reward).to(trainer.device)
-        self.prompts = read_prompt_source(self.options.prompts)
+        self.prompts = read_prompts(self.options.prompts)
         self.rng = random.Random(trainer.config.seed)
         self.latents: list[torch.Tensor] = []
         self.buffer_prompts: list[str] = []

@@ -15,7 +15,7 @@ import torch
 
 from ..config import configclass, field
 from ..training.objective import Objective, register_objective
-from .common import batch_cond, denoising_loss
+from .common import batch_latents, denoising_loss, prompt_cond, prompt_dropout_mask
 
 
 @configclass
@@ -32,40 +32,9 @@ class SFT(Objective):
     needs_reference = False
 
     def loss(self, batch: dict, rng: torch.Generator):
-        gen = self.generator
-        images = batch["images"] if "images" in batch else batch["winner"]
-        prompts = list(batch["prompts"])
-        drop = None
-        if self.options.prompt_dropout > 0:
-            drop = torch.rand(len(prompts), generator=rng, device=rng.device) < self.options.prompt_dropout
-        cached = batch.get("cached")
-        if cached is not None:  # latents and text embeddings from the trainer's cache
-            latents = cached["images"] if "images" in cached else cached["winner"]
-            cond = cached["cond"]
-            if drop is not None and drop.any():
-                cond = _replace_rows(cond, gen.negative_cond(len(cond)), drop)
-            cond = gen.micro_conditioning(cond, batch.get("original_sizes"), batch.get("crop_top_lefts"),
-                                          images.shape[-2], images.shape[-1])
-        else:
-            if drop is not None:
-                prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
-            with torch.no_grad():
-                latents = gen.encode(images.to(gen.device), generator=rng)
-            cond = batch_cond(gen, batch, prompts, images.shape[-2], images.shape[-1])
-        loss = denoising_loss(gen, latents, cond, rng).mean()
+        key = "images" if "images" in batch else "winner"
+        (latents,) = batch_latents(self.generator, batch, (key,), rng)
+        drop = prompt_dropout_mask(len(batch["prompts"]), self.options.prompt_dropout, rng)
+        cond = prompt_cond(self.generator, batch, drop)
+        loss = denoising_loss(self.generator, latents, cond, rng).mean()
         return loss, {"loss": loss.detach().item()}
-
-
-def _replace_rows(cond, other, mask):
-    """``cond`` with the rows where ``mask`` is true taken from ``other`` (same batch size)."""
-    import dataclasses
-
-    values = {}
-    for item in dataclasses.fields(cond):
-        mine, theirs = getattr(cond, item.name), getattr(other, item.name)
-        if mine is None:
-            values[item.name] = None
-            continue
-        rows = mask.to(mine.device).reshape(-1, *([1] * (mine.dim() - 1)))
-        values[item.name] = torch.where(rows, theirs.to(mine), mine)
-    return type(cond)(**values)
