@@ -202,6 +202,23 @@ def eval_command(config: EvalConfig):
     click.echo(f"wrote {path}")
 
 
+from .preference_data import PreferenceDataConfig  # noqa: E402
+
+
+@config_command("preference-data", PreferenceDataConfig,
+                "Sample a model, score with a reward, write pairs/rankings/feedback jsonl (on-policy DPO/KTO/RWR data).")
+def preference_data_command(config: PreferenceDataConfig):
+    from .models import ModelLoadError
+    from .preference_data import build_preference_data
+
+    try:
+        summary = build_preference_data(config)
+    except (ModelLoadError, ConfigError, FileNotFoundError, KeyError) as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(f"wrote {summary['pairs']} pairs, {summary['prompts']} rankings, "
+               f"{summary['feedback']['good'] + summary['feedback']['bad']} feedback labels to {config.out}")
+
+
 def _add_optional_commands() -> None:
     """Commands of the other packages (rewards, ...) register here when importable."""
     try:
