@@ -294,6 +294,7 @@ class Generator:
         from .loading import (
             dtype_kwargs,
             infer_single_file_family,
+            is_hub_error,
             pipeline_class_for,
             read_model_index,
             verify_single_file_pipeline,
@@ -318,7 +319,16 @@ class Generator:
                 index = read_model_index(config)
                 kwargs = {**{n: None for n, spec in index.items() if isinstance(spec, list) and spec[0] is None}, **kwargs}
         kwargs = {**dtype_kwargs(torch_dtype), **cls._load_kwargs(), **kwargs}
-        pipe = pipeline_class.from_single_file(str(path), **kwargs)
+        try:
+            pipe = pipeline_class.from_single_file(str(path), **kwargs)
+        except Exception as error:
+            if config is None and is_hub_error(error):
+                raise ModelLoadError(
+                    f"{path}: diffusers needs a diffusers-layout config of this architecture and could not fetch one "
+                    f"from the hub ({type(error).__name__}); offline, pass config=<a local diffusers folder of the "
+                    f"same architecture> (its weights are not needed)"
+                ) from error
+            raise
         verify_single_file_pipeline(pipe, path, cls.family)
         generator = cls(pipe, device=device)
         generator.set_attention(attention)

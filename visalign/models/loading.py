@@ -166,6 +166,11 @@ class _LazyCheckpoint(dict):
         return self[key] if key in self else default
 
 
+def is_hub_error(error: BaseException) -> bool:
+    """Whether ``error`` came from reaching (or failing to reach) the Hugging Face hub."""
+    return type(error).__module__.startswith("huggingface_hub") or isinstance(error, (OSError, ConnectionError))
+
+
 def verify_single_file_pipeline(pipe, path: str | os.PathLike, family: str) -> None:
     """Check a pipeline built by diffusers' ``from_single_file`` against the file.
 
