@@ -23,10 +23,15 @@ CONFIG_CLASSES = {"": TrainConfig}
 
 EXAMPLES = sorted(p for p in CONFIGS.rglob("*.yaml") if ACCELERATE not in p.parents)
 TINY = [p for p in EXAMPLES if p.name.startswith("tiny_")]
-REAL = {  # file -> (model.path, family, resolution, mixed_precision)
-    "sd15_sft_lora.yaml": ("stable-diffusion-v1-5/stable-diffusion-v1-5", "sd", 512, "fp16"),
-    "sdxl_sft_lora.yaml": ("stabilityai/stable-diffusion-xl-base-1.0", "sdxl", 1024, "bf16"),
-    "sd3_sft_lora.yaml": ("stabilityai/stable-diffusion-3-medium-diffusers", "sd3", 1024, "bf16"),
+REAL = {  # file -> (model.path, family, resolution, mixed_precision, objective, finetune, data format)
+    "sd15_sft_lora.yaml": ("stable-diffusion-v1-5/stable-diffusion-v1-5", "sd", 512, "fp16", "sft", "lora", "pickapic"),
+    "sdxl_sft_lora.yaml": ("stabilityai/stable-diffusion-xl-base-1.0", "sdxl", 1024, "bf16", "sft", "lora", "pickapic"),
+    "sd3_sft_lora.yaml": ("stabilityai/stable-diffusion-3-medium-diffusers", "sd3", 1024, "bf16", "sft", "lora", "pickapic"),
+    "sd15_dpo.yaml": ("stable-diffusion-v1-5/stable-diffusion-v1-5", "sd", 512, "fp16", "dpo", "full", "pickapic"),
+    "sd15_dpo_lora.yaml": ("stable-diffusion-v1-5/stable-diffusion-v1-5", "sd", 512, "fp16", "dpo", "lora", "pickapic"),
+    "sdxl_dpo.yaml": ("stabilityai/stable-diffusion-xl-base-1.0", "sdxl", 1024, "bf16", "dpo", "full", "pickapic"),
+    "sd3_flow_dpo.yaml": ("stabilityai/stable-diffusion-3-medium-diffusers", "sd3", 1024, "bf16", "dpo", "lora", "jsonl"),
+    "sd15_kto.yaml": ("stable-diffusion-v1-5/stable-diffusion-v1-5", "sd", 512, "fp16", "kto", "full", "pickapic"),
 }
 
 
@@ -66,11 +71,35 @@ def test_example_config_loads_strictly(path):
 @pytest.mark.parametrize("name", sorted(REAL))
 def test_real_model_configs_name_the_published_checkpoints(name):
     config = load_config(TrainConfig, CONFIGS / name)
-    model_path, family, resolution, precision = REAL[name]
+    model_path, family, resolution, precision, objective, finetune, data_format = REAL[name]
     assert (config.model.path, config.model.family) == (model_path, family)
     assert config.data.resolution == resolution and config.mixed_precision == precision
-    assert config.data.format == "pickapic" and config.model.gradient_checkpointing
-    assert config.model.finetune == "lora" and config.objective == "sft"
+    assert config.data.format == data_format and config.model.gradient_checkpointing
+    assert config.model.finetune == finetune and config.objective == objective
+
+
+# Published defaults of the preference recipes (ALGORITHMS.md sections 1, 2.1, 14).
+PUBLISHED = {
+    "sd15_dpo.yaml": {"beta": 5000.0, "lr": 1e-8, "scale_lr": True, "optimizer": "adamw", "warmup": 500, "accum": 128},
+    "sdxl_dpo.yaml": {"beta": 5000.0, "lr": 1e-8, "scale_lr": True, "optimizer": "adafactor", "warmup": 200, "accum": 128},
+    "sd3_flow_dpo.yaml": {"beta": 100.0, "lr": 3e-4, "scale_lr": False, "optimizer": "adamw", "rank": 32, "alpha": 64},
+    "sd15_kto.yaml": {"beta": 1000.0, "lr": 1e-7, "scale_lr": False, "optimizer": "adamw", "warmup": 200},
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_preference_recipes_carry_the_published_defaults(name):
+    config = load_config(TrainConfig, CONFIGS / name)
+    expected = PUBLISHED[name]
+    assert config.options["beta"] == expected["beta"]
+    assert (config.optim.lr, config.optim.scale_lr, config.optim.optimizer) == (
+        expected["lr"], expected["scale_lr"], expected["optimizer"])
+    if "warmup" in expected:
+        assert config.optim.warmup_steps == expected["warmup"]
+    if "accum" in expected:
+        assert config.batch_size * config.gradient_accumulation_steps == expected["accum"]
+    if "rank" in expected:
+        assert (config.model.lora.rank, config.model.lora.alpha) == (expected["rank"], expected["alpha"])
 
 
 @pytest.mark.parametrize("path", TINY, ids=lambda p: p.name)
