@@ -455,15 +455,18 @@ def export_single_file(
     dtype = parse_dtype(dtype)
     state = original_state_dict(generator)
     tensors: dict[str, Tensor] = {}
-    seen: set[int] = set()
+    storages: set[int] = set()
     for key, value in state.items():
         value = value.detach().to("cpu")
         if dtype is not None and value.is_floating_point():
             value = value.to(dtype)
-        # safetensors refuses tensors that share memory (tied or sliced weights): copy those.
-        if value.numel() and value.data_ptr() in seen:
+        # safetensors refuses tensors that share memory (tied weights, or views that diffusers'
+        # single-file loader made of one fused tensor): copy those.
+        storage = value.untyped_storage().data_ptr()
+        if value.numel() and storage in storages:
             value = value.clone()
-        seen.add(value.data_ptr())
+            storage = value.untyped_storage().data_ptr()
+        storages.add(storage)
         tensors[key] = value.contiguous()
     metadata = {
         "format": "pt",
