@@ -18,7 +18,7 @@ that no rule maps is an error, so an architecture the original layout cannot hol
 instead of silently dropping weights.
 
 >>> from visalign.models.export import export_single_file
->>> export_single_file("runs/sft/final", "my-model.safetensors", dtype="fp16")
+>>> export_single_file("runs/sft/model", "my-model.safetensors", dtype="fp16")
 """
 
 from __future__ import annotations
@@ -339,7 +339,9 @@ def _rename(state: dict[str, Tensor], convert, what: str) -> dict[str, Tensor]:
         try:
             new_key = convert(key)
         except KeyError:
-            raise ExportError(f"{what}: no original-layout name for {key!r} (an architecture the LDM layout cannot hold)") from None
+            raise ExportError(
+                f"{what}: no original-layout name for {key!r} (an architecture the original layout cannot hold)"
+            ) from None
         if new_key in out:
             raise ExportError(f"{what}: {key!r} and another key both map to {new_key!r}")
         out[new_key] = value
@@ -386,14 +388,16 @@ def original_state_dict(generator) -> dict[str, Tensor]:
             projection = clip_l.pop("text_projection.weight", None)
             # SD3's CLIP-L has no projection: the reference code and every single-file reader use
             # the identity, so a trained one cannot be stored.
-            if projection is not None and not torch.equal(projection, torch.eye(projection.shape[0], dtype=projection.dtype)):
+            identity = torch.eye(projection.shape[0], dtype=projection.dtype) if projection is not None else None
+            if projection is not None and not torch.equal(projection, identity):
                 raise ExportError(
                     "text_encoder (CLIP-L) has a text_projection that is not the identity; the SD3 single-file "
                     "layout has none (readers use the identity), so the exported model would differ"
                 )
             text.update(_prefixed("text_encoders.clip_l.transformer.", clip_l))
         if "text_encoder_2" in encoders:
-            text.update(_prefixed("text_encoders.clip_g.transformer.", clip_to_transformers_layout(encoders["text_encoder_2"])))
+            clip_g = clip_to_transformers_layout(encoders["text_encoder_2"])
+            text.update(_prefixed("text_encoders.clip_g.transformer.", clip_g))
         if "text_encoder_3" in encoders:
             text.update(_prefixed("text_encoders.t5xxl.transformer.", encoders["text_encoder_3"]))
         return {**transformer, **vae, **text}
@@ -401,8 +405,8 @@ def original_state_dict(generator) -> dict[str, Tensor]:
 
 
 def _prediction_markers(generator) -> dict[str, Tensor]:
-    """Empty marker tensors by which ComfyUI and Forge recognise SDXL v-prediction / zero-terminal-SNR
-    checkpoints (SD 2.x v-prediction they detect from the weights)."""
+    """The empty ``v_pred`` / ``ztsnr`` tensors by which ComfyUI recognises v-prediction and
+    zero-terminal-SNR SDXL checkpoints (the original layout has no scheduler config)."""
     if generator.family != "sdxl" or generator.prediction_type != "v_prediction":
         return {}
     markers = {"v_pred": torch.tensor([])}
@@ -415,7 +419,8 @@ def architecture(generator) -> str:
     """Stability's ModelSpec architecture id, written to the file's metadata."""
     if generator.family == "sd" and uses_open_clip(generator):
         return "stable-diffusion-v2-768-v" if generator.prediction_type == "v_prediction" else "stable-diffusion-v2-512"
-    return {"sd": "stable-diffusion-v1", "sdxl": "stable-diffusion-xl-v1-base", "sd3": "stable-diffusion-v3-medium"}[generator.family]
+    names = {"sd": "stable-diffusion-v1", "sdxl": "stable-diffusion-xl-v1-base", "sd3": "stable-diffusion-v3-medium"}
+    return names[generator.family]
 
 
 def export_single_file(
