@@ -113,8 +113,11 @@ class RewardGuidance:
                  reward_context: dict | None = None, **overrides) -> None:
         self.generator = as_generator(generator)
         self.reward = resolve_reward(reward)
-        options = options or GuidanceOptions()
-        self.options = GuidanceOptions(**{**asdict(options), **overrides})
+        values = asdict(options or GuidanceOptions())
+        unknown = sorted(set(overrides) - set(values))
+        if unknown:
+            raise TypeError(f"unknown guidance option(s) {', '.join(unknown)}; the options are {', '.join(values)}")
+        self.options = GuidanceOptions(**{**values, **overrides})
         self.reward_context = dict(reward_context or {})
         if not getattr(self.reward, "differentiable", True):
             raise ValueError(

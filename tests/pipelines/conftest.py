@@ -7,22 +7,25 @@ import torch
 
 
 @pytest.fixture(scope="session")
-def tiny_generator(tiny_model_dir):
-    """``tiny_generator(family)`` → a Generator of a tiny random-init model (``sd``, ``sd-v``,
-    ``sdxl``, ``sd3``) or the toy video generator (``video``), built once per session."""
-    from visalign.models import load_generator
+def tiny_generator(tmp_path_factory):
+    """``tiny_generator(family)`` → a Generator wrapping a tiny random-init diffusers pipeline
+    (``sd``, ``sd-v``, ``sdxl``, ``sd3``; built in memory, as a user's pipeline object would be)
+    or the toy video generator (``video``), built once per session."""
+    from pipelines import as_generator
+    from visalign.models.tiny import build_tiny_pipeline
 
-    loaded = {}
+    tokenizer_dir = tmp_path_factory.mktemp("tiny-tokenizer")
+    built = {}
 
     def get(family: str):
-        if family not in loaded:
+        if family not in built:
             if family == "video":
                 from steering_toys import ToyVideoGenerator
 
-                loaded[family] = ToyVideoGenerator()
+                built[family] = ToyVideoGenerator()
             else:
-                loaded[family] = load_generator(tiny_model_dir(family))
-        return loaded[family]
+                built[family] = as_generator(build_tiny_pipeline(family, seed=0, tokenizer_dir=tokenizer_dir))
+        return built[family]
 
     return get
 
