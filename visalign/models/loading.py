@@ -245,9 +245,14 @@ def _family_class(family: str):
 
 
 def dtype_kwargs(torch_dtype: torch.dtype | None) -> dict:
-    """The dtype argument of diffusers' loaders: ``dtype`` in new releases, ``torch_dtype`` before."""
+    """The dtype argument of diffusers' loaders: ``dtype`` in new releases, ``torch_dtype`` before.
+
+    ``None`` means float32 for every component: transformers 5 otherwise keeps a checkpoint's own
+    dtype for the text encoders ("auto"), so an fp16 folder would give an fp32 denoiser beside an
+    fp16 text encoder (slow and imprecise on CPU, and diffusers warns on ``.to("cpu")``).
+    """
     if torch_dtype is None:
-        return {}
+        torch_dtype = torch.float32
     try:
         from diffusers.utils import deprecation_utils
 
