@@ -24,7 +24,7 @@ def test_quick_build_writes_loadable_models_and_figures(quick_build):
     assert json.loads((out / "assets" / "build.json").read_text())["models"].keys() == {"sd", "sd3"}
     for family in ("sd", "sd3"):
         figures = summary["models"][family]
-        assert 0.0 <= figures["heldout_accuracy"] <= 1.0 and set(figures["per_category"]) >= {"single_object"}
+        assert 0.0 <= figures["heldout_accuracy"] <= 1.0 and 0.0 <= figures["heldout_geneval_score"] <= 1.0 and set(figures["per_category"]) >= {"single_object"}
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(out / "assets" / "sd", torch_dtype=torch.float32)
     assert pipe.unet.dtype == torch.float32
     assert pipe.vae.config.scaling_factor != 0.18215  # set from the trained VAE's latent statistics

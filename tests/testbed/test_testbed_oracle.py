@@ -1,5 +1,6 @@
 """The exact oracle: 100% on renders, rejects mismatches, tolerant of blur and noise, fast."""
 
+import math
 import time
 from dataclasses import replace
 
@@ -240,3 +241,18 @@ def test_oracle_reward_errors():
         OracleReward(mode="both", quality_weight=2.0)
     with pytest.raises(ValueError, match="needs the prompt"):
         OracleReward()(render_batch([sample_scene(0)]), None)
+
+
+def test_geneval_score_weighs_categories_equally():
+    """Three right single-object images and one wrong position image: 3/4 of the images are
+    right, but GenEval's overall score is the mean of 1.0 and 0.0."""
+    from visalign.testbed.render import mismatched_scene, scene_for_prompt
+
+    prompts = ["a red circle", "a blue square", "a green triangle", "a red circle to the left of a blue square"]
+    scenes = [scene_for_prompt(prompt, seed) for seed, prompt in enumerate(prompts[:3])]
+    scenes.append(mismatched_scene(prompts[3], 0, kind="position"))
+    result = oracle(render_batch(scenes), prompts)
+    assert result.correct.tolist() == [True, True, True, False], result.reasons
+    assert result.accuracy == pytest.approx(0.75)
+    assert result.geneval_score == pytest.approx(0.5)
+    assert math.isnan(oracle(torch.zeros(0, 3, 32, 32), []).geneval_score)

@@ -1,7 +1,8 @@
 """The yardstick every algorithm is judged by.
 
 :func:`evaluate` samples ``images_per_prompt`` images for each prompt with fixed seeds and
-reports: the testbed oracle's accuracy (overall and per GenEval category) and quality, the
+reports: the testbed oracle's accuracy (per image, per GenEval category, and GenEval's overall
+score, the mean over categories) and quality, the
 mean of any learned rewards, **diversity** (mean pairwise pixel RMS distance between the
 images of one prompt) and **drift** (mean pixel RMS distance to the images a base model makes
 from the same prompts and initial noise). The gap between a learned reward's gain and the
@@ -27,7 +28,8 @@ class EvalReport:
     diversity: float
     drift: float | None
     num_images: int
-    prompts: list[str] = field(repr=False)
+    geneval_score: float = float("nan")  # mean of per_category (GenEval's overall score)
+    prompts: list[str] = field(repr=False, default_factory=list)
     images: torch.Tensor | None = field(default=None, repr=False)
 
     def summary(self) -> dict:
@@ -92,6 +94,7 @@ def evaluate(generator, prompts: Sequence[str], *, images_per_prompt: int = 4, n
         diversity=_pairwise_rms(images, images_per_prompt),
         drift=drift,
         num_images=len(images),
+        geneval_score=verdict.geneval_score,
         prompts=prompts,
         images=images if keep_images else None,
     )
@@ -109,12 +112,15 @@ def write_report(reports: dict[str, EvalReport], directory: str | Path, images_p
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    lines = ["# visalign evaluation", "", "| model | oracle accuracy | quality | diversity | drift | rewards |",
-             "|---|---|---|---|---|---|"]
+    lines = ["# visalign evaluation", "",
+             "Oracle accuracy is per image; the GenEval score is the mean of the per-category accuracies "
+             "(GenEval's overall figure).", "",
+             "| model | oracle accuracy | GenEval score | quality | diversity | drift | rewards |",
+             "|---|---|---|---|---|---|---|"]
     for name, report in reports.items():
         rewards = ", ".join(f"{k} {v:.3f}" for k, v in report.rewards.items()) or "-"
         drift = f"{report.drift:.4f}" if report.drift is not None else "-"
-        lines.append(f"| {name} | {report.accuracy:.3f} | {report.quality:.3f} | {report.diversity:.4f} | {drift} | {rewards} |")
+        lines.append(f"| {name} | {report.accuracy:.3f} | {report.geneval_score:.3f} | {report.quality:.3f} | {report.diversity:.4f} | {drift} | {rewards} |")
     categories = sorted({c for r in reports.values() for c in r.per_category})
     lines += ["", "Per category (oracle accuracy):", "", "| model | " + " | ".join(categories) + " |",
               "|---|" + "---|" * len(categories)]

@@ -236,7 +236,8 @@ def evaluate_base(config: BuildConfig, model: Path) -> dict:
     prompts = [record.prompt for record in load_prompts("heldout")][: config.eval_prompts]
     report = evaluate(generator, prompts, images_per_prompt=config.eval_images_per_prompt,
                       num_inference_steps=config.eval_steps, guidance_scale=config.guidance_scale, seed=config.seed)
-    return {"heldout_accuracy": report.accuracy, "per_category": report.per_category, "quality": report.quality}
+    return {"heldout_accuracy": report.accuracy, "heldout_geneval_score": report.geneval_score,
+            "per_category": report.per_category, "quality": report.quality}
 
 
 def oracle_pairs(images: torch.Tensor, prompts: list[str], per_prompt: int, seed: int, max_pairs: int = 4,

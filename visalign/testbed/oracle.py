@@ -114,6 +114,9 @@ class OracleResult:
         quality: ``[B]`` float in [0, 1].
         categories: per image, the prompt's category.
         per_category: accuracy per category present in the batch.
+        geneval_score (property): the mean of ``per_category`` -- GenEval's "overall" score, which
+            weighs each category equally whatever its number of prompts (``accuracy`` is the
+            per-image mean).
         reasons: per image, why it is wrong ("" when correct).
         objects: per image, the objects found.
     """
@@ -128,6 +131,15 @@ class OracleResult:
     @property
     def accuracy(self) -> float:
         return float(self.correct.float().mean()) if len(self.correct) else float("nan")
+
+    @property
+    def geneval_score(self) -> float:
+        return category_mean(self.per_category)
+
+
+def category_mean(per_category: dict[str, float]) -> float:
+    """GenEval's overall score: the unweighted mean of the per-category accuracies."""
+    return sum(per_category.values()) / len(per_category) if per_category else float("nan")
 
 
 # -------------------------------------------------------------------------- colour
