@@ -25,7 +25,7 @@ from .pickscore import PickScoreReward
 __all__ = [
     "TINY_OPEN_CLIP_CONFIG", "tiny_open_clip_config", "tiny_open_clip_backbone", "tiny_clip_reward",
     "tiny_hpsv2_reward", "tiny_aesthetic_reward", "tiny_personal_reward", "tiny_transformers_clip_backbone",
-    "tiny_pickscore_reward",
+    "tiny_pickscore_reward", "TESTBED_REWARD_CONFIG", "testbed_hpsv2_reward",
 ]
 
 #: An open_clip ``CLIP`` config: ViT with 32-px input, 8-px patches, width 32, 2 layers; text
@@ -34,6 +34,19 @@ TINY_OPEN_CLIP_CONFIG = {
     "embed_dim": 32,
     "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 2, "head_width": 16},
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+}
+
+
+#: The visalign testbed's learned reward (``visalign.testbed.reward_build``): an open_clip
+#: ``CLIP`` with a ModifiedResNet image tower (layers 1-1-1-1, width 8) that sees the 32-px
+#: images upsampled to 64 px, so its last stage keeps a 2x2 grid with a positional embedding
+#: (relations need where things are), and a causal text tower of width 32 with a 16-token
+#: context (the longest testbed prompt has 13 tokens with start and end). About 2.0M parameters,
+#: 1.6M of them the token embedding of CLIP's 49,408-token vocabulary.
+TESTBED_REWARD_CONFIG = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 8, "head_width": 16},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
 }
 
 
@@ -60,6 +73,11 @@ def tiny_clip_reward(seed: int = 0, score_scale: float = 1.0, config: dict | Non
 def tiny_hpsv2_reward(seed: int = 0, config: dict | None = None) -> HPSv2Reward:
     """The HPSv2 reward on a tiny open_clip model (the architecture family of ViT-H-14)."""
     return HPSv2Reward(tiny_open_clip_backbone(seed, config))
+
+
+def testbed_hpsv2_reward(seed: int = 0, config: dict | None = None) -> HPSv2Reward:
+    """A random-init HPS-style scorer of the testbed reward's architecture (:data:`TESTBED_REWARD_CONFIG`)."""
+    return HPSv2Reward(tiny_open_clip_backbone(seed, config or TESTBED_REWARD_CONFIG))
 
 
 def tiny_aesthetic_reward(seed: int = 0, config: dict | None = None, activation: str = "none") -> AestheticReward:
