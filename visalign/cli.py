@@ -219,6 +219,36 @@ def preference_data_command(config: PreferenceDataConfig):
                f"{summary['feedback']['good'] + summary['feedback']['bad']} feedback labels to {config.out}")
 
 
+@main.group("dataset", cls=_Group)
+def dataset_group():
+    """Build training data sets (see docs/data.md)."""
+
+
+from .synth import SynthConfig  # noqa: E402
+
+
+def _dataset_synth(config: SynthConfig):
+    from .models import ModelLoadError
+    from .synth import build_synth
+
+    try:
+        summary = build_synth(config)
+    except (ModelLoadError, ConfigError, FileNotFoundError, KeyError) as error:
+        raise click.ClickException(str(error)) from None
+    run = summary["this_run"]
+    rate = f", {run['images_per_s']:.2f} images/s" if run["images_per_s"] else ""
+    click.echo(f"shard {run['shard']}: {run['images']} new images ({run['prompts_skipped_as_done']} prompts already "
+               f"done){rate}; data set: {summary['prompts']} ranked prompts, {summary['images']} images in {config.out}")
+    for pair, value in summary.get("reward_agreement", {}).items():
+        click.echo(f"  reward agreement {pair}: {value:.3f}")
+
+
+dataset_group.add_command(
+    config_command("synth", SynthConfig, "Syn-Pic: generate with one or several models, score with several rewards, "
+                   "write a ranked data set (vote-based phi; resumable, sharded).", group=None)(_dataset_synth)
+)
+
+
 def _add_optional_commands() -> None:
     """Commands of the other packages (rewards, ...) register here when importable."""
     try:

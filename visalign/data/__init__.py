@@ -24,6 +24,7 @@ from visalign.data.loaders import (
     load_captions,
     load_hpdv2,
     load_jsonl,
+    load_parquet,
     load_pickapic,
     load_records,
 )
@@ -67,6 +68,7 @@ __all__ = [
     "load_hpdv2",
     "load_image",
     "load_jsonl",
+    "load_parquet",
     "load_pickapic",
     "load_records",
     "make_dataloader",

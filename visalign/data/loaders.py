@@ -6,6 +6,7 @@ loader              input                                                  recor
 ``load_pickapic``   Pick-a-Pic parquet: ``caption, jpg_0, jpg_1, label_0``  pair
 ``load_hpdv2``      HPDv2 ``train.json`` / ``test.json``                    pair/ranking
 ``load_jsonl``      jsonl with image paths (any record kind)               any
+``load_parquet``    parquet with image paths (``visalign dataset synth``)   any
 ``load_captions``   image folder + ``.txt`` captions, or jsonl / csv         caption
 ``from_hf_dataset`` a ``datasets.Dataset`` with canonical columns           any
 ==================  =====================================================  ============
@@ -439,7 +440,8 @@ def load_jsonl(
 
 
 def _table_from_objects(
-    lines: list[tuple[int, dict]], kind: str, root: str, path: str, unit: str, ties: str
+    lines: list[tuple[int, dict]], kind: str, root: str, path: str, unit: str, ties: str,
+    origins: RowOrigins | None = None, fingerprint: str | None = None,
 ) -> RecordTable:
     columns: dict[str, list] = {name: [] for name in _CANONICAL_COLUMNS[kind]}
     for number, record in lines:
@@ -491,9 +493,9 @@ def _table_from_objects(
         CanonicalReader(kind),
         kind=kind,
         rows=rows,
-        origins=RowOrigins((path,), (0,), unit, np.asarray([number for number, _ in lines])),
+        origins=origins or RowOrigins((path,), (0,), unit, np.asarray([number for number, _ in lines])),
         description=path,
-        fingerprint=files_fingerprint([path], options),
+        fingerprint=fingerprint or files_fingerprint([path], options),
         dropped=dropped,
     )
 
@@ -510,6 +512,77 @@ _REQUIRED_COLUMNS = {
     "feedback": ("prompt", "image", "label"),
     "caption": ("prompt", "image"),
 }
+
+
+# --------------------------------------------------------------------------- parquet with image paths
+
+
+def load_parquet(
+    source: PathLike | Sequence[PathLike],
+    *,
+    kind: str | None = None,
+    image_root: PathLike | None = None,
+    as_pairs: bool = False,
+    ties: Ties = "drop",
+) -> RecordTable:
+    """Load records from parquet files whose image columns hold paths, e.g. the ranked data sets
+    ``visalign dataset synth`` writes (one ``ranking`` row per prompt, ``scores`` = Syn-Pic's phi).
+
+    Args:
+        source: a parquet file, a folder (every ``*.parquet`` under it), a glob, or a list.
+        kind: the record kind; default: detected from the first row's columns as in
+            :func:`load_jsonl` (the same canonical columns; other columns are ignored).
+        image_root: folder relative image paths are resolved against (default: each parquet
+            file's own folder).
+        as_pairs: ranking rows expanded into every pair of images with different scores
+            (higher wins; equal scores are ties, dropped unless ``ties="keep"``), as
+            :func:`load_hpdv2` does: DPO on the same images a ranked method sees.
+    """
+    import pyarrow.parquet as pq
+
+    _check_ties(ties)
+    if isinstance(source, (str, os.PathLike)) and os.path.isdir(source):
+        files = sorted(glob.glob(os.path.join(os.fspath(source), "**", "*.parquet"), recursive=True))
+        if not files:
+            raise FileNotFoundError(f"no parquet files found under {os.fspath(source)!r}")
+    else:
+        files = _parquet_files(source, split="train")
+    description = files[0] if len(files) == 1 else f"{len(files)} parquet files under {os.path.dirname(files[0])}"
+    lines: list[tuple[int, dict]] = []
+    starts = []
+    for file in files:
+        starts.append(len(lines))
+        root = os.fspath(image_root) if image_root is not None else os.path.dirname(os.path.abspath(file))
+        for number, row in enumerate(pq.read_table(file).to_pylist()):
+            where = f"{file} row {number}"
+            for key in ("winner", "loser", "image", "file_name", "image_path", "path"):
+                if key in row:
+                    row[key] = _resolve(row[key], root, where, key)
+            if isinstance(row.get("images"), list):
+                row["images"] = [_resolve(image, root, where, "images") for image in row["images"]]
+            lines.append((number, row))
+    if not lines:
+        raise ValueError(f"{description}: no records (the parquet files are empty)")
+    if kind is None:
+        kind = _detect_kind(lines[0][1])
+        if kind is None:
+            raise ValueError(f"{files[0]} row 0: cannot tell the record kind from columns {sorted(lines[0][1])}; "
+                             "pass kind=")
+    elif kind not in RECORD_KINDS:
+        raise ValueError(f"unknown kind {kind!r}; expected one of {sorted(RECORD_KINDS)}")
+    if as_pairs and kind != "ranking":
+        raise ValueError(f"as_pairs expands ranking records; {description} holds {kind} records")
+    options = {"format": "parquet", "kind": kind, "ties": ties, "as_pairs": as_pairs,
+               "image_root": None if image_root is None else os.path.abspath(image_root)}
+    origins = RowOrigins(tuple(files), tuple(starts), "row")
+    fingerprint = files_fingerprint(files, options)
+    table = _table_from_objects(lines, kind, "", description, "row", ties, origins, fingerprint)
+    if not as_pairs:
+        return table
+    specs, dropped = _expand_pairs(table.data["scores"], ties)
+    _log_dropped(description, dropped, len(specs) + sum(dropped.values()))
+    return RecordTable(table.data, RankingPairsReader(), kind="pair", rows=specs, origins=origins,
+                       description=description, fingerprint=fingerprint, dropped=dropped)
 
 
 # --------------------------------------------------------------------------- captions
@@ -652,6 +725,7 @@ LOADERS = {
     "pickapic": load_pickapic,
     "hpdv2": load_hpdv2,
     "jsonl": load_jsonl,
+    "parquet": load_parquet,
     "captions": load_captions,
 }
 

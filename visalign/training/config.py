@@ -32,7 +32,7 @@ class ModelConfig:
 
 @configclass
 class DataConfig:
-    format: str = field("captions", help="pickapic, hpdv2, jsonl or captions")
+    format: str = field("captions", help="pickapic, hpdv2, jsonl, parquet or captions")
     path: str | None = field(None, help="data file or folder")
     resolution: int | None = field(None, help="training resolution (default: the model's)")
     random_crop: bool = field(False, help="random instead of centre crop")

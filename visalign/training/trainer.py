@@ -230,7 +230,7 @@ class Trainer:
             if not config.data.path:
                 raise ConfigError(f"objective {config.objective!r} needs data ({'/'.join(kinds)}): set data.path")
             options = dict(config.data.options)
-            if config.data.format in ("pickapic", "hpdv2", "jsonl"):
+            if config.data.format in ("pickapic", "hpdv2", "jsonl", "parquet"):
                 options.setdefault("ties", config.data.ties)
             records = load_records(config.data.format, config.data.path, **options)
             transform = ImageTransform(
