@@ -18,6 +18,17 @@ from torch import Tensor
 from .base import Cond, Generator, StepOutput, _broadcast, gaussian_log_prob
 
 
+def _user_kwargs(denoiser, cond: Cond) -> dict | None:
+    """``Cond.user_embeds`` reach a UNet with a PPD user branch (visalign.algorithms.ppd) as a
+    cross-attention keyword; without one they would be silently ignored, so refuse them."""
+    if cond.user_embeds is None:
+        return None
+    if not hasattr(getattr(denoiser, "module", denoiser), "user_projection"):
+        raise ValueError("the conditioning has user_embeds but the UNet has no PPD user branch "
+                         "(visalign.algorithms.ppd.add_user_branch / load_user_branch)")
+    return {"user_embeds": cond.user_embeds}
+
+
 class DiffusionGenerator(Generator):
     """Shared DDPM math: ``x_t = a_t x0 + s_t eps`` with ``a_t = sqrt(abar_t)``, ``s_t = sqrt(1 - abar_t)``."""
 
@@ -139,7 +150,8 @@ class StableDiffusionGenerator(DiffusionGenerator):
 
     def _denoise(self, denoiser, x_t, t, cond):
         t = self._timestep_batch(t, x_t.shape[0])
-        return denoiser(x_t.to(self.dtype), t, encoder_hidden_states=cond.prompt_embeds, return_dict=False)[0]
+        return denoiser(x_t.to(self.dtype), t, encoder_hidden_states=cond.prompt_embeds,
+                        cross_attention_kwargs=_user_kwargs(denoiser, cond), return_dict=False)[0]
 
 
 class StableDiffusionXLGenerator(DiffusionGenerator):
@@ -197,5 +209,6 @@ class StableDiffusionXLGenerator(DiffusionGenerator):
         t = self._timestep_batch(t, x_t.shape[0])
         added = {"text_embeds": cond.pooled_embeds, "time_ids": cond.time_ids}
         return denoiser(
-            x_t.to(self.dtype), t, encoder_hidden_states=cond.prompt_embeds, added_cond_kwargs=added, return_dict=False
+            x_t.to(self.dtype), t, encoder_hidden_states=cond.prompt_embeds, added_cond_kwargs=added,
+            cross_attention_kwargs=_user_kwargs(denoiser, cond), return_dict=False
         )[0]

@@ -1,0 +1,182 @@
+"""PPD (ALGORITHMS.md §9): the user branch starts equal to the base, the loss starts at ln 2,
+only the new layers learn, and swapping users changes only the user branch."""
+
+import copy
+import math
+
+import pytest
+import torch
+
+from visalign.algorithms.ppd import (
+    PPD,
+    PPDOptions,
+    UserAttnProcessor,
+    add_user_branch,
+    fit_user_branch,
+    load_user_branch,
+    ppd_loss,
+    sample_personal,
+    save_user_branch,
+    set_user_scale,
+    user_branch_parameters,
+    with_user,
+)
+from visalign.models import load_generator
+
+USER_DIM = 8
+PROMPTS = ["a red circle", "two blue squares", "a green triangle"]
+
+
+def users(n, seed=0):
+    return torch.nn.functional.normalize(torch.randn(n, USER_DIM, generator=torch.Generator().manual_seed(seed)), dim=-1)
+
+
+def pair_batch(generator, pairs=3, seed=0):
+    size = generator.default_resolution
+    g = torch.Generator().manual_seed(seed)
+    return {"prompts": PROMPTS[:pairs], "winner": torch.rand(pairs, 3, size, size, generator=g),
+            "loser": torch.rand(pairs, 3, size, size, generator=g), "user_embeds": users(pairs, seed)}
+
+
+@pytest.fixture(scope="module")
+def loaded_sd(tiny_model_dir):
+    return load_generator(tiny_model_dir("sd"))
+
+
+@pytest.fixture
+def sd(loaded_sd):
+    return copy.deepcopy(loaded_sd)  # each test installs its own branch; loading costs seconds
+
+
+def denoise(generator, cond, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x_t = torch.randn(generator.latent_shape(len(cond)), generator=g)
+    with torch.no_grad():
+        return generator.predict(x_t, torch.full((len(cond),), 500), cond)
+
+
+def test_zero_initialised_branch_equals_base(sd):
+    cond = sd.encode_prompt(PROMPTS)
+    base = denoise(sd, cond)
+    add_user_branch(sd, USER_DIM)
+    assert torch.equal(denoise(sd, cond), base)  # no user: the base path, bit for bit
+    personal = denoise(sd, with_user(cond, users(3)))
+    assert torch.allclose(personal, base, atol=1e-6)  # W_v' = 0: the user branch adds exactly 0
+    # once W_v' moves, the user branch changes the output, and a zero user still gives the base
+    with torch.no_grad():
+        for name, p in sd.denoiser.named_parameters():
+            if "to_v_user" in name:
+                p.normal_(0, 0.5)
+    assert (denoise(sd, with_user(cond, users(3))) - base).abs().max() > 1e-3
+    assert torch.allclose(denoise(sd, with_user(cond, torch.zeros(3, USER_DIM))), base, atol=1e-6)
+    set_user_scale(sd, 0.0)
+    assert torch.equal(denoise(sd, with_user(cond, users(3))), base)
+
+
+def test_user_embeds_without_branch_is_an_error(sd):
+    with pytest.raises(ValueError, match="no PPD user branch"):
+        denoise(sd, with_user(sd.encode_prompt(PROMPTS), users(3)))
+
+
+def test_initial_loss_is_ln2_and_only_new_parameters_get_gradients(sd):
+    new = add_user_branch(sd, USER_DIM)
+    objective = PPD(sd, PPDOptions(user_dropout=0.0))
+    loss, metrics = objective.loss(pair_batch(sd), torch.Generator().manual_seed(1))
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
+    assert metrics["implicit_accuracy"] == pytest.approx(0.5)
+    loss.backward()
+    new_ids = {id(p) for p in new}
+    for name, p in sd.denoiser.named_parameters():
+        if id(p) not in new_ids:
+            assert p.grad is None, name
+    # W_v' is zero, so only W_v' receives gradient at the first step (K and the projection sit
+    # behind V = 0); every W_v' gets some.
+    grads = {name: p.grad for name, p in sd.denoiser.named_parameters() if id(p) in new_ids}
+    assert all(g is not None and g.abs().sum() > 0 for n, g in grads.items() if "to_v_user" in n)
+    assert all(g is None or g.abs().sum() == 0 for n, g in grads.items() if "to_v_user" not in n)
+    for encoder in sd.text_encoders.values():
+        assert all(p.grad is None for p in encoder.parameters())
+
+
+def test_swapping_users_changes_only_the_user_branch(sd):
+    add_user_branch(sd, USER_DIM)
+    with torch.no_grad():
+        for name, p in sd.denoiser.named_parameters():
+            if "to_v_user" in name:
+                p.normal_(0, 0.5)
+    # Record each cross-attention's text branch (the base processor's output).
+    texts = {}
+    for name, processor in sd.denoiser.attn_processors.items():
+        if isinstance(processor, UserAttnProcessor):
+            base = processor.base_processor
+
+            def text_branch(*args, _base=base, _name=name, **kwargs):
+                out = _base(*args, **kwargs)
+                texts.setdefault(_name, []).append(out)
+                return out
+
+            processor.base_processor = text_branch
+
+    cond = sd.encode_prompt(PROMPTS[:1])
+    outputs = [denoise(sd, with_user(cond, user[None])) for user in users(2)]
+    assert (outputs[0] - outputs[1]).abs().max() > 1e-4
+    # The first cross-attention sees the same input for both users: its text branch is identical.
+    first = next(iter(texts))
+    assert torch.equal(texts[first][0], texts[first][1])
+    # Interpolating users gives intermediate outputs (the conditioning is continuous).
+    middle = denoise(sd, with_user(cond, torch.nn.functional.normalize(users(2).mean(0), dim=0)[None]))
+    assert (middle - outputs[0]).abs().max() < (outputs[1] - outputs[0]).abs().max()
+
+
+def test_ppd_loss_matches_hand_values():
+    policy_w, policy_l = torch.tensor([0.10, 0.20]), torch.tensor([0.30, 0.10])
+    reference_w, reference_l = torch.tensor([0.20, 0.20]), torch.tensor([0.20, 0.20])
+    loss, z = ppd_loss(policy_w, policy_l, reference_w, reference_l, beta=10.0)
+    expected_z = torch.tensor([-5.0 * (0.10 - 0.30), -5.0 * (0.20 - 0.10)])
+    assert torch.allclose(z, expected_z)
+    assert torch.allclose(loss, -torch.nn.functional.logsigmoid(expected_z))
+
+
+def test_training_moves_only_the_branch_and_save_load_round_trips(sd, loaded_sd, tmp_path):
+    base_state = {k: v.clone() for k, v in sd.denoiser.state_dict().items()}
+    add_user_branch(sd, USER_DIM)
+    objective = PPD(sd, PPDOptions(beta=500.0, user_dropout=0.5))
+    history = fit_user_branch(objective, [pair_batch(sd, seed=s) for s in range(2)], steps=4, lr=1e-2)
+    assert len(history) == 4 and all(math.isfinite(h["loss"]) for h in history)
+    state = sd.denoiser.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in base_state.items())  # the base is untouched
+    path = save_user_branch(sd, tmp_path / "ppd.safetensors", {"users": 2})
+    cond = sd.encode_prompt(PROMPTS[:2])
+    expected = denoise(sd, with_user(cond, users(2)))
+    fresh = copy.deepcopy(loaded_sd)
+    assert load_user_branch(fresh, path) == {"users": 2}
+    assert torch.allclose(denoise(fresh, with_user(cond, users(2))), expected, atol=1e-6)
+    assert all(not p.requires_grad for p in user_branch_parameters(fresh))
+
+
+def test_sample_personal_with_guidance_and_lookup_by_user_id(sd, tmp_path):
+    from safetensors.torch import save_file
+
+    add_user_branch(sd, USER_DIM)
+    images = sample_personal(sd, PROMPTS[:2], users(1)[0], num_inference_steps=2, guidance_scale=3.0,
+                             generator=torch.Generator().manual_seed(0)).images
+    plain = sd.sample(PROMPTS[:2], num_inference_steps=2, guidance_scale=3.0, generator=torch.Generator().manual_seed(0)).images
+    assert torch.allclose(images, plain, atol=1e-5)  # untrained branch: the base model's images
+    table = tmp_path / "users.safetensors"
+    save_file({"alice": users(1)[0], "bob": users(1, 1)[0]}, str(table))
+    objective = PPD(sd, PPDOptions(user_embeddings=str(table)))
+    batch = pair_batch(sd, pairs=2)
+    del batch["user_embeds"]
+    batch["user_ids"] = ["bob", "alice"]
+    assert torch.equal(objective.user_embeds(batch)[0], users(1, 1)[0])
+    batch["user_ids"] = ["carol", "alice"]
+    with pytest.raises(KeyError, match="carol"):
+        objective.user_embeds(batch)
+
+
+def test_sd3_is_refused_with_a_clear_message():
+    from types import SimpleNamespace
+
+    generator = SimpleNamespace(family="sd3", denoiser_name="transformer")  # what add_user_branch reads
+    with pytest.raises(ValueError, match="steering route"):
+        add_user_branch(generator, USER_DIM)
