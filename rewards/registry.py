@@ -64,6 +64,7 @@ _REGISTRY: dict[str, _Entry] = {
     "temporal-consistency": _Entry("rewards.video:build_temporal_consistency", "similarity of consecutive frames"),
     "testbed-oracle": _Entry("visalign.testbed.oracle:OracleReward", "exact oracle of the visalign testbed"),
     "testbed-reward": _Entry("visalign.testbed.reward_build:load_testbed_reward", "learned HPS-style reward of the visalign testbed (assets/testbed/reward)"),
+    "testbed-clip": _Entry("visalign.testbed.reward_build:load_testbed_clip", "learned CLIP-score-style reward of the visalign testbed (assets/testbed/clip)"),
 }
 
 

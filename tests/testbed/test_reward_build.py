@@ -82,8 +82,23 @@ def test_symmetry_numbers_are_checked():
         symmetry(torch.zeros(1, 3, 4, 4), [()], 8)
 
 
+def test_clip_kind_trains_on_captions_only_and_loads_as_clip_score(tmp_path):
+    from dataclasses import replace
+
+    from visalign.testbed.reward_build import load_testbed_clip, quick_options
+
+    options = replace(quick_options(), kind="clip", eval_samples_per_prompt=0)
+    summary = build_testbed_reward(None, tmp_path / "clip", tmp_path / "work", options=options)
+    assert summary["reward"] == "clip" and summary["train_sample_count"] == 0
+    assert summary["options"]["preference_weight"] == 0.0
+    reward = load_testbed_clip(tmp_path / "clip")
+    assert reward.name == "clip" and rewards.load(str(tmp_path / "clip")).name == "clip"
+    with pytest.raises(ValueError, match="kind must be one of"):
+        build_testbed_reward(None, tmp_path / "x", tmp_path / "work", options=replace(options, kind="pick"))
+
+
 def test_load_testbed_reward_names_a_missing_folder(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no testbed reward"):
+    with pytest.raises(FileNotFoundError, match="no testbed hpsv2 reward"):
         load_testbed_reward(tmp_path / "nothing")
 
 

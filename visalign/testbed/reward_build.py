@@ -37,6 +37,13 @@ gives the same architecture family (``rewards.hpsv2`` on an open_clip ``CLIP``, 
 4. **Ship**: ``save_pretrained`` (an open_clip folder with safetensors weights stored in
    fp16, plus ``reward.json`` and ``reward_build.json`` with these figures), which
    ``rewards.load(folder)`` and ``rewards.load("testbed-reward")`` read back.
+
+``kind="clip"`` builds the second learned reward, a **CLIP-score-style** model
+(``rewards.clip``, ``rewards.load("testbed-clip")``): the same architecture trained only to
+match rendered images with the captions they satisfy (the sigmoid loss and the attribute
+probe; no preference pairs, no base-model samples). It knows what the captions say but has
+never seen what the base model gets wrong, so the two rewards fail differently: optimising one
+and watching the other (and the oracle) shows reward hacking.
 """
 
 from __future__ import annotations
@@ -64,10 +71,14 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "RewardBuildOptions", "build_testbed_reward", "load_testbed_reward", "LabelledImages", "render_pairs",
     "sample_and_read", "label_matrix", "symmetry", "rendered_agreement", "sample_agreement", "SHIPPED_REWARD",
+    "SHIPPED_CLIP", "load_testbed_clip", "REWARD_KINDS",
 ]
 
 #: Where ``visalign testbed build`` ships the learned reward.
 SHIPPED_REWARD = Path(__file__).resolve().parents[2] / "assets" / "testbed" / "reward"
+#: Where the CLIP-score-style reward (``kind="clip"``) is shipped.
+SHIPPED_CLIP = SHIPPED_REWARD.parent / "clip"
+REWARD_KINDS = ("hpsv2", "clip")
 SUMMARY_NAME = "reward_build.json"
 
 
@@ -75,6 +86,7 @@ SUMMARY_NAME = "reward_build.json"
 class RewardBuildOptions:
     """Options of :func:`build_testbed_reward` (defaults: the shipped reward)."""
 
+    kind: str = "hpsv2"  # "hpsv2": preference-trained scorer; "clip": caption matching only (CLIP score)
     rendered_pairs: int = 4000  # (right, wrong) rendered scene pairs of train prompts
     distractor_scenes: int = 2000  # rendered right scenes with an extra object where the prompt allows
     train_samples_per_prompt: int = 2  # base-model samples of each train prompt (calibration)
@@ -470,9 +482,14 @@ def build_testbed_reward(model_dir: str | os.PathLike | None, destination: str |
         seed: seeds data, initialisation and training.
         quick: :func:`quick_options` (seconds; tests and smoke runs) unless ``options`` is given.
     """
-    from rewards.tiny import TESTBED_REWARD_CONFIG, testbed_hpsv2_reward
+    from rewards.clip import ClipReward
+    from rewards.tiny import TESTBED_REWARD_CONFIG, testbed_hpsv2_reward, tiny_open_clip_backbone
 
     options = options or (quick_options() if quick else RewardBuildOptions())
+    if options.kind not in REWARD_KINDS:
+        raise ValueError(f"kind must be one of {REWARD_KINDS}, got {options.kind!r}")
+    if options.kind == "clip":  # caption matching only: no preference pairs, no base-model samples in training
+        options = replace(options, preference_weight=0.0, train_samples_per_prompt=0)
     destination, work_dir = Path(destination), Path(work_dir)
     start, timings = time.perf_counter(), {}
     cpu_start = time.process_time()
@@ -499,13 +516,16 @@ def build_testbed_reward(model_dir: str | os.PathLike | None, destination: str |
         timings["sample_s"] = round(time.perf_counter() - mark, 1)
 
     mark = time.perf_counter()
-    reward = testbed_hpsv2_reward(seed=seed)
+    if options.kind == "clip":
+        reward = ClipReward(tiny_open_clip_backbone(seed, TESTBED_REWARD_CONFIG))
+    else:
+        reward = testbed_hpsv2_reward(seed=seed)
     history = train_scorer(reward, train_prompts, rendered, scenes, samples, options, seed)
     timings["train_s"] = round(time.perf_counter() - mark, 1)
 
     # The figures are those of the saved reward, read back as users will load it.
     save_reward(reward, destination, options.save_dtype)
-    reward = load_testbed_reward(destination)
+    reward = _load(destination, options.kind)
     mark = time.perf_counter()
     figures = {
         "heldout_rendered": rendered_agreement(reward, "heldout", options.eval_pairs_per_prompt,
@@ -521,7 +541,7 @@ def build_testbed_reward(model_dir: str | os.PathLike | None, destination: str |
     timings["cpu_s"] = round(time.process_time() - cpu_start, 1)
 
     summary = {
-        "reward": "hpsv2", "architecture": TESTBED_REWARD_CONFIG, "parameters": sum(p.numel() for p in reward.parameters()),
+        "reward": options.kind, "architecture": TESTBED_REWARD_CONFIG, "parameters": sum(p.numel() for p in reward.parameters()),
         "base_model": str(model_dir) if model_dir is not None else None, "seed": seed, "quick": quick,
         "options": asdict(options), "train_prompts": len(train_prompts), "heldout_prompts": len(heldout_prompts),
         "rendered_pairs": options.rendered_pairs, "train_sample_count": len(samples) if samples is not None else 0,
@@ -551,14 +571,23 @@ def save_reward(reward, destination: Path, dtype: str = "float16") -> Path:
 def load_testbed_reward(model: str | os.PathLike | None = None):
     """The testbed's learned reward (``rewards.load("testbed-reward")``): the shipped one in
     ``assets/testbed/reward``, or the folder ``model`` written by :func:`build_testbed_reward`."""
-    from rewards.hpsv2 import build_hpsv2
+    return _load(Path(model) if model is not None else SHIPPED_REWARD, "hpsv2")
 
-    folder = Path(model) if model is not None else SHIPPED_REWARD
+
+def load_testbed_clip(model: str | os.PathLike | None = None):
+    """The testbed's CLIP-score-style reward (``rewards.load("testbed-clip")``): the shipped one
+    in ``assets/testbed/clip``, or a folder written by :func:`build_testbed_reward` with ``kind="clip"``."""
+    return _load(Path(model) if model is not None else SHIPPED_CLIP, "clip")
+
+
+def _load(folder: Path, kind: str):
+    from rewards.registry import load_pretrained
+
     if not (folder / "open_clip_config.json").is_file():
         raise FileNotFoundError(
-            f"no testbed reward at {folder}: build it with `visalign testbed build` or "
+            f"no testbed {kind} reward at {folder}: build it with `visalign testbed build` or "
             f"visalign.testbed.reward_build.build_testbed_reward(model_dir, {str(folder)!r}, work_dir)")
-    return build_hpsv2(model=str(folder))
+    return load_pretrained(folder)
 
 
 def _machine() -> dict:
