@@ -210,6 +210,7 @@ class Generator:
     pipeline_class_names: tuple[str, ...] = ()
     denoiser_name: str = "unet"
     is_flow: bool = False
+    is_video: bool = False  # video families (models/video.py): images are clips [B, F, C, H, W]
 
     def __init__(self, pipe, device: torch.device | str | None = None):
         self.pipe = pipe
@@ -614,8 +615,8 @@ class Generator:
                 raise ValueError("a LoRA reference needs a LoRA run: call add_lora() first")
             active = list(self.denoiser.active_adapters())
             with _preserve_requires_grad(self.denoiser):
-                state = source if isinstance(source, dict) else _read_lora_state_dict(self, source)
-                self.denoiser.load_lora_adapter(state, adapter_name="reference", prefix=None)
+                state, metadata = (source, None) if isinstance(source, dict) else _read_lora_file(self, source)
+                self.denoiser.load_lora_adapter(state, adapter_name="reference", prefix=None, metadata=metadata)
                 self.denoiser.set_adapter(active)
             for name, p in self.denoiser.named_parameters():
                 if ".reference." in name:
@@ -712,8 +713,8 @@ class Generator:
     def load_lora(self, path: str | os.PathLike, adapter_name: str = "default", trainable: bool = False) -> None:
         """Load diffusers-format LoRA weights (as written by :meth:`save_lora` or any trainer
         whose output ``pipe.load_lora_weights`` reads) into the denoiser."""
-        state = _read_lora_state_dict(self, path)
-        self.denoiser.load_lora_adapter(state, adapter_name=adapter_name, prefix=None)
+        state, metadata = _read_lora_file(self, path)
+        self.denoiser.load_lora_adapter(state, adapter_name=adapter_name, prefix=None, metadata=metadata)
         self.denoiser.set_adapter(adapter_name)
         for name, p in self.denoiser.named_parameters():
             if "lora_" in name and f".{adapter_name}." in name:
@@ -966,17 +967,25 @@ def _looks_like_lora(source) -> bool:
     return (path / "pytorch_lora_weights.safetensors").exists()
 
 
-def _read_lora_state_dict(generator: Generator, source) -> dict[str, Tensor]:
-    """Read a diffusers-format LoRA file or folder and keep the denoiser's keys (prefix stripped)."""
+def _read_lora_file(generator: Generator, source) -> tuple[dict[str, Tensor], dict | None]:
+    """Read a diffusers-format LoRA file or folder: the denoiser's weights and adapter metadata
+    (rank, alpha, targets, as :meth:`Generator.save_lora` writes them), prefixes stripped.
+
+    Without the metadata, peft would assume ``alpha = rank`` and a LoRA saved with another alpha
+    would load at the wrong scale."""
     path = Path(source)
     if not path.exists():
         raise ModelLoadError(f"LoRA checkpoint {path} does not exist")
     pipeline_class = type(generator.pipe)
-    state = pipeline_class.lora_state_dict(str(path))
-    if isinstance(state, tuple):
-        state = state[0]
+    try:
+        loaded = pipeline_class.lora_state_dict(str(path), return_lora_metadata=True)
+        state, metadata = loaded[0], loaded[-1]
+    except TypeError:  # diffusers before 0.34 keeps no adapter metadata
+        loaded = pipeline_class.lora_state_dict(str(path))
+        state, metadata = (loaded[0] if isinstance(loaded, tuple) else loaded), None
     prefix = generator.denoiser_name + "."
     own = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     if not own:
         raise ModelLoadError(f"{path} holds no LoRA weights for the {generator.denoiser_name} (keys start with {sorted(state)[:3]})")
-    return own
+    own_metadata = {k[len(prefix) :]: v for k, v in (metadata or {}).items() if k.startswith(prefix)} or None
+    return own, own_metadata
