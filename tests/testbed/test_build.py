@@ -32,14 +32,17 @@ def test_quick_build_writes_loadable_models_and_figures(quick_build):
     assert generator.pipe.tokenizer("a red circle").input_ids == [49406, 320, 736, 7117, 49407]
 
 
-def test_quick_build_trains_a_learned_reward_that_loads_by_path(quick_build):
+def test_quick_build_trains_both_learned_rewards_that_load_by_path(quick_build):
     import rewards
 
     out, summary = quick_build
-    assert summary["reward"]["train_pairs"] > 0
-    reward = rewards.load(str(out / "assets" / "reward"))
-    scores = reward(torch.rand(2, 3, 32, 32), ["a red circle", "a blue square"])
-    assert scores.shape == (2,) and torch.isfinite(scores).all()
+    assert set(summary["rewards"]) == {"hpsv2", "clip"}
+    assert 0.0 <= summary["rewards"]["hpsv2"]["heldout_rendered"]["agreement"] <= 1.0
+    for folder, name in (("reward", "hpsv2"), ("clip", "clip")):
+        reward = rewards.load(str(out / "assets" / folder))
+        assert reward.name == name
+        scores = reward(torch.rand(2, 3, 32, 32), ["a red circle", "a blue square"])
+        assert scores.shape == (2,) and torch.isfinite(scores).all()
 
 
 def test_rendered_captions_are_imperfect_exactly_where_marked(quick_build):

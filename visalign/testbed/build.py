@@ -14,6 +14,7 @@ Phases (each a run of :class:`visalign.training.Trainer`):
    random-init CLIP text encoder (real CLIP BPE tokenizer).
 4. Save each model as a diffusers folder in fp16 (``from_pretrained`` reads it back in any
    dtype), measure held-out oracle accuracy, and write ``build.json``.
+5. Build the learned rewards on the ``reward_family`` model (:mod:`.reward_build`).
 """
 
 from __future__ import annotations
@@ -56,15 +57,15 @@ class BuildConfig:
     eval_steps: int = field(20, help="held-out evaluation: sampling steps")
     guidance_scale: float = field(4.0, help="held-out evaluation: CFG scale")
     reward_family: str | None = field("sd", help="family whose samples train the learned reward (null: no reward)")
-    reward_images_per_prompt: int = field(6, help="learned reward: base-model samples per prompt")
-    reward_steps: int = field(600, help="learned reward: training steps")
+    rewards: list[str] = field(default_factory=lambda: ["hpsv2", "clip"],
+                               help="learned rewards to build (visalign.testbed.reward_build kinds)")
+    reward_steps: int | None = field(None, help="learned rewards: training steps (default: RewardBuildOptions)")
 
 
 def quick_overrides(config: BuildConfig) -> BuildConfig:
     config.num_images, config.vae_steps, config.denoiser_steps = 96, 4, 4
     config.vae_batch_size = config.batch_size = 16
     config.eval_images_per_prompt, config.eval_steps, config.eval_prompts = 1, 2, 12
-    config.reward_images_per_prompt, config.reward_steps = 3, 4
     return config
 
 
@@ -215,9 +216,9 @@ def build(config: BuildConfig) -> dict:
         mark = time.perf_counter()
         summary["models"][family] = evaluate_base(config, shipped)
         timings[f"{family}_eval_s"] = time.perf_counter() - mark
-    if config.reward_family:
+    if config.reward_family and config.rewards:
         mark = time.perf_counter()
-        summary["reward"] = train_learned_reward(config, out / config.reward_family, out / "reward", work)
+        summary["rewards"] = build_rewards(config, out / config.reward_family, out, work)
         timings["reward_s"] = time.perf_counter() - mark
     timings["total_s"] = time.perf_counter() - start
     summary["timings"] = timings
@@ -240,64 +241,24 @@ def evaluate_base(config: BuildConfig, model: Path) -> dict:
             "per_category": report.per_category, "quality": report.quality}
 
 
-def oracle_pairs(images: torch.Tensor, prompts: list[str], per_prompt: int, seed: int, max_pairs: int = 4,
-                 margin: float = 0.05):
-    """Preference pairs from the oracle, within each prompt's samples: the image with the higher
-    ``correct + quality`` is preferred (correctness dominates; quality in [0, 1] orders images
-    of equal correctness), for pairs whose scores differ by more than ``margin``."""
-    from rewards.training import PreferencePair
+def build_rewards(config: BuildConfig, model: Path, out: Path, work: Path) -> dict:
+    """The learned rewards (:mod:`visalign.testbed.reward_build`): for each kind in
+    ``config.rewards``, a scorer trained on rendered train-prompt scenes (and, for ``hpsv2``,
+    oracle-read samples of ``model``), shipped to ``out/reward`` (``hpsv2``) or ``out/clip``."""
+    from dataclasses import replace
 
-    from .oracle import oracle
+    from .reward_build import RewardBuildOptions, build_testbed_reward, quick_options
 
-    expanded = [p for p in prompts for _ in range(per_prompt)]
-    verdict = oracle(images, expanded)
-    score = (verdict.correct.float() + verdict.quality.float()).reshape(len(prompts), per_prompt)
-    rng = np.random.default_rng(seed)
-    pairs = []
-    for row, prompt in enumerate(prompts):
-        combos = [(i, j) for i in range(per_prompt) for j in range(per_prompt)
-                  if score[row, i] - score[row, j] > margin]
-        for index in rng.permutation(len(combos))[:max_pairs]:
-            better, worse = (row * per_prompt + k for k in combos[index])
-            if rng.random() < 0.5:
-                pairs.append(PreferencePair(images[better], images[worse], prompt, 1.0))
-            else:
-                pairs.append(PreferencePair(images[worse], images[better], prompt, 0.0))
-    return pairs
-
-
-def train_learned_reward(config: BuildConfig, model: Path, destination: Path, work: Path) -> dict:
-    """An HPS-style CLIP scorer trained with the reward library on oracle-labelled pairs of
-    base-model samples: the learned reward algorithms optimise while the oracle judges."""
-    from rewards.tiny import tiny_hpsv2_reward
-    from rewards.training import RewardTrainingConfig, train_reward_model
-
-    from ..eval.evaluate import sample_for_eval
-    from ..models import load_generator
-    from .prompts import load_prompts
-
-    generator = load_generator(model)
-    per_prompt = config.reward_images_per_prompt
-    splits = {}
-    for split, seed in (("train", config.seed + 1), ("heldout", config.seed + 2)):
-        prompts = [record.prompt for record in load_prompts(split)]
-        if config.quick:
-            prompts = prompts[:8]
-        images = sample_for_eval(generator, prompts, per_prompt, config.eval_steps, config.guidance_scale, seed)
-        splits[split] = oracle_pairs(images, prompts, per_prompt, seed)
-    if not splits["train"]:
-        raise RuntimeError("the base model's samples gave no oracle-labelled pairs to train a reward on")
-    reward = tiny_hpsv2_reward(seed=config.seed)
-    training = RewardTrainingConfig(steps=config.reward_steps, batch_size=32, learning_rate=1e-3, weight_decay=0.0,
-                                    seed=config.seed, log_every=50)
-    result = train_reward_model(reward, splits["train"], splits["heldout"] or None, training,
-                                output_dir=work / "reward-run", progress=False)
-    if destination.exists():
-        shutil.rmtree(destination)
-    reward.save_pretrained(destination)
-    return {"train_pairs": len(splits["train"]), "heldout_pairs": len(splits["heldout"]),
-            "heldout_agreement_with_oracle": result.eval_accuracy,
-            "heldout_agreement_before_training": result.initial_eval_accuracy}
+    figures = {}
+    for kind in config.rewards:
+        options = replace(quick_options() if config.quick else RewardBuildOptions(), kind=kind)
+        if config.reward_steps is not None:
+            options = replace(options, steps=config.reward_steps)
+        destination = out / ("reward" if kind == "hpsv2" else kind)
+        summary = build_testbed_reward(model, destination, work / "reward-samples", seed=config.seed, options=options)
+        figures[kind] = {key: summary[key] for key in ("heldout_rendered", "train_rendered", "heldout_samples", "timings")
+                         if key in summary}
+    return figures
 
 
 def _machine() -> dict:
