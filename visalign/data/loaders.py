@@ -523,6 +523,7 @@ def load_parquet(
     kind: str | None = None,
     image_root: PathLike | None = None,
     as_pairs: bool = False,
+    drop_flat: bool = False,
     ties: Ties = "drop",
 ) -> RecordTable:
     """Load records from parquet files whose image columns hold paths, e.g. the ranked data sets
@@ -537,6 +538,8 @@ def load_parquet(
         as_pairs: ranking rows expanded into every pair of images with different scores
             (higher wins; equal scores are ties, dropped unless ``ties="keep"``), as
             :func:`load_hpdv2` does: DPO on the same images a ranked method sees.
+        drop_flat: leave out (and count) rankings whose scores are all equal: they hold no
+            preference (RankDPO gives them zero loss but they still cost forward passes).
     """
     import pyarrow.parquet as pq
 
@@ -549,9 +552,8 @@ def load_parquet(
         files = _parquet_files(source, split="train")
     description = files[0] if len(files) == 1 else f"{len(files)} parquet files under {os.path.dirname(files[0])}"
     lines: list[tuple[int, dict]] = []
-    starts = []
-    for file in files:
-        starts.append(len(lines))
+    file_of: list[int] = []
+    for file_index, file in enumerate(files):
         root = os.fspath(image_root) if image_root is not None else os.path.dirname(os.path.abspath(file))
         for number, row in enumerate(pq.read_table(file).to_pylist()):
             where = f"{file} row {number}"
@@ -561,6 +563,7 @@ def load_parquet(
             if isinstance(row.get("images"), list):
                 row["images"] = [_resolve(image, root, where, "images") for image in row["images"]]
             lines.append((number, row))
+            file_of.append(file_index)
     if not lines:
         raise ValueError(f"{description}: no records (the parquet files are empty)")
     if kind is None:
@@ -572,17 +575,29 @@ def load_parquet(
         raise ValueError(f"unknown kind {kind!r}; expected one of {sorted(RECORD_KINDS)}")
     if as_pairs and kind != "ranking":
         raise ValueError(f"as_pairs expands ranking records; {description} holds {kind} records")
-    options = {"format": "parquet", "kind": kind, "ties": ties, "as_pairs": as_pairs,
+    flat = 0
+    if drop_flat and kind == "ranking":
+        keep = [len(set(row.get("scores") or [])) > 1 for _, row in lines]
+        flat = keep.count(False)
+        lines = [line for line, kept in zip(lines, keep) if kept]
+        file_of = [index for index, kept in zip(file_of, keep) if kept]
+        if not lines:
+            raise ValueError(f"{description}: every ranking has equal scores (no preference to learn)")
+    options = {"format": "parquet", "kind": kind, "ties": ties, "as_pairs": as_pairs, "drop_flat": drop_flat,
                "image_root": None if image_root is None else os.path.abspath(image_root)}
-    origins = RowOrigins(tuple(files), tuple(starts), "row")
+    starts = tuple(int(np.searchsorted(file_of, index, side="left")) for index in range(len(files)))
+    origins = RowOrigins(tuple(files), starts, "row", np.asarray([number for number, _ in lines]))
     fingerprint = files_fingerprint(files, options)
     table = _table_from_objects(lines, kind, "", description, "row", ties, origins, fingerprint)
+    if flat:
+        table.dropped["rankings with all scores equal"] = flat
+        _log_dropped(description, {"rankings with all scores equal": flat}, len(lines) + flat)
     if not as_pairs:
         return table
     specs, dropped = _expand_pairs(table.data["scores"], ties)
     _log_dropped(description, dropped, len(specs) + sum(dropped.values()))
     return RecordTable(table.data, RankingPairsReader(), kind="pair", rows=specs, origins=origins,
-                       description=description, fingerprint=fingerprint, dropped=dropped)
+                       description=description, fingerprint=fingerprint, dropped={**table.dropped, **dropped})
 
 
 # --------------------------------------------------------------------------- captions
