@@ -1,4 +1,5 @@
-"""The Generator seam: one interface over SD 1.x/2.x, SDXL and SD3-style flow models.
+"""The Generator seam: one interface over SD 1.x/2.x, SDXL and SD3-style flow models, and the
+text-to-video families ModelScope T2V (``modelscope``) and Wan 2.1 (``wan``).
 
 >>> from visalign.models import load_generator
 >>> generator = load_generator("assets/testbed/sd")          # or a hub id / single file
@@ -10,12 +11,15 @@ from .diffusion import DiffusionGenerator, StableDiffusionGenerator, StableDiffu
 from .errors import ModelLoadError
 from .flow import FlowGenerator, StableDiffusion3Generator
 from .loading import describe_model, detect_family, load_generator, parse_dtype
+from .video import ModelScopeGenerator, VideoGenerator, WanGenerator
 
 # Family name -> Generator class. A new family is one file plus one entry here.
 FAMILIES: dict[str, type[Generator]] = {
     "sd": StableDiffusionGenerator,
     "sdxl": StableDiffusionXLGenerator,
     "sd3": StableDiffusion3Generator,
+    "modelscope": ModelScopeGenerator,
+    "wan": WanGenerator,
 }
 
 
@@ -31,6 +35,7 @@ __all__ = [
     "FlowGenerator",
     "Generator",
     "ModelLoadError",
+    "ModelScopeGenerator",
     "SampleOutput",
     "StableDiffusion3Generator",
     "StableDiffusionGenerator",
@@ -38,6 +43,8 @@ __all__ = [
     "StepOutput",
     "StepState",
     "Trajectory",
+    "VideoGenerator",
+    "WanGenerator",
     "describe_model",
     "detect_family",
     "gaussian_log_prob",

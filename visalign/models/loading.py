@@ -311,11 +311,16 @@ def describe_model(path: str | os.PathLike) -> dict:
     info["prediction_type"] = "flow" if family_class.is_flow else scheduler_config.get("prediction_type", "epsilon")
     denoiser_config = _read_json(folder / denoiser / "config.json")
     vae_config = _read_json(folder / "vae" / "config.json")
-    scale = 2 ** (len(vae_config.get("block_out_channels", [0])) - 1)
+    # Video VAEs (Wan) state their factors; image VAEs halve the size per extra block.
+    scale = vae_config.get("scale_factor_spatial") or 2 ** (len(vae_config.get("block_out_channels", [0])) - 1)
     info["denoiser"] = denoiser_config.get("_class_name")
     info["latent_channels"] = denoiser_config.get("in_channels")
-    info["resolution"] = denoiser_config.get("sample_size", 0) * scale
+    sample_size = denoiser_config.get("sample_size")
+    info["resolution"] = sample_size * scale if sample_size else None  # a DiT like Wan's has none
     info["vae_scale_factor"] = scale
+    info["video"] = bool(getattr(family_class, "is_video", False))
+    if "scale_factor_temporal" in vae_config:
+        info["vae_temporal_scale_factor"] = vae_config["scale_factor_temporal"]
     components = {}
     for name, spec in index.items():
         if name.startswith("_") or not isinstance(spec, list) or spec[0] is None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-TINY_FAMILIES = ("sd", "sd-v", "sdxl", "sd3")
+TINY_FAMILIES = ("sd", "sd-v", "sdxl", "sd3", "modelscope", "wan")  # the last two: tiny_video.py
 
 _TEXT_WIDTH = 32
 
@@ -86,6 +86,10 @@ def build_tiny_components(family: str, seed: int = 0, tokenizer_dir: str | os.Pa
 
     if family not in TINY_FAMILIES:
         raise ValueError(f"unknown tiny family {family!r}; expected one of {TINY_FAMILIES}")
+    from .tiny_video import TINY_VIDEO_FAMILIES, build_tiny_video_components
+
+    if family in TINY_VIDEO_FAMILIES:
+        return build_tiny_video_components(family, seed=seed, tokenizer_dir=tokenizer_dir, size=size)
     if tokenizer_dir is None:
         import tempfile
 
@@ -224,6 +228,8 @@ PIPELINE_CLASSES = {
     "sd-v": "StableDiffusionPipeline",
     "sdxl": "StableDiffusionXLPipeline",
     "sd3": "StableDiffusion3Pipeline",
+    "modelscope": "TextToVideoSDPipeline",
+    "wan": "WanPipeline",
 }
 
 

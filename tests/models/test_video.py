@@ -1,0 +1,265 @@
+"""The video families (ModelScope T2V UNet, Wan flow DiT) behind the Generator seam.
+
+What holds for the image families holds here, on clips ``[B, F, 3, H, W]``: a seed gives the
+plain diffusers pipeline's video; the noise-process identities; stored stochastic transitions
+re-evaluate to their sampling log-probability; gradient reaches the decoded frames only through
+the chosen steps; the LoRA reference is the base model. Plus what is video's own: the frame
+count, chunked VAE decoding, and Wan's scheduler and frame-count rules.
+"""
+
+import json
+import math
+
+import diffusers
+import pytest
+import torch
+
+from visalign.models import ModelScopeGenerator, WanGenerator, describe_model, load_generator
+
+FAMILIES = ["modelscope", "wan"]
+FRAMES = {"modelscope": 8, "wan": 9}
+PROMPTS = ["a red circle moving left", "a blue square moving up"]
+
+
+@pytest.fixture(scope="module")
+def generators(tiny_model_dir):
+    return {
+        family: load_generator(tiny_model_dir(family), num_frames=FRAMES[family], height=32, width=32)
+        for family in FAMILIES
+    }
+
+
+def _random(shape, seed):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _perturb(parameters, scale, seed=0):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in parameters:
+            p.add_(scale * torch.randn_like(p))
+
+
+def test_families_are_detected_and_described(tiny_model_dir, generators):
+    assert isinstance(generators["modelscope"], ModelScopeGenerator) and not generators["modelscope"].is_flow
+    assert isinstance(generators["wan"], WanGenerator) and generators["wan"].is_flow
+    assert all(gen.is_video for gen in generators.values())
+    info = describe_model(tiny_model_dir("wan"))
+    assert info["family"] == "wan" and info["video"] and info["prediction_type"] == "flow"
+    assert info["vae_scale_factor"] == 4 and info["vae_temporal_scale_factor"] == 4 and info["resolution"] is None
+    info = describe_model(tiny_model_dir("modelscope"))
+    assert info["denoiser"] == "UNet3DConditionModel" and info["resolution"] == 32 and info["video"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sample_matches_the_plain_diffusers_pipeline(tiny_model_dir, generators, family):
+    gen = generators[family]
+    ours = gen.sample(PROMPTS, num_inference_steps=3, guidance_scale=4.0, generator=torch.Generator().manual_seed(7))
+    assert ours.images.shape == (2, FRAMES[family], 3, 32, 32)
+    assert ours.latents.shape == gen.latent_shape(2)
+    extra = {} if gen.is_flow else {"scheduler": diffusers.DDIMScheduler.from_config(gen.scheduler.config)}
+    pipe = type(gen.pipe).from_pretrained(tiny_model_dir(family), **extra)
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe(PROMPTS, num_inference_steps=3, guidance_scale=4.0, height=32, width=32, num_frames=FRAMES[family],
+                  output_type="pt", generator=torch.Generator().manual_seed(7)).frames
+    torch.testing.assert_close(ours.images, theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_latent_layout_and_frame_counts(generators):
+    scope, wan = generators["modelscope"], generators["wan"]
+    assert scope.latent_shape(2) == (2, 4, 8, 8, 8)  # [B, C, F, h, w]
+    assert scope.latent_shape(1, num_frames=5) == (1, 4, 5, 8, 8)
+    assert wan.latent_shape(2) == (2, 4, 3, 8, 8)  # 9 frames -> (9 - 1) / 4 + 1 latent frames
+    assert wan.latent_shape(1, num_frames=5) == (1, 4, 2, 8, 8)
+    with pytest.raises(ValueError, match="4k \\+ 1"):
+        wan.latent_shape(1, num_frames=8)
+    with pytest.raises(ValueError, match="multiples of 8"):
+        wan.latent_shape(1, height=36, width=32)  # VAE factor 4 times the DiT's 2x2 patches
+    out = scope.sample(PROMPTS[:1], num_frames=3, num_inference_steps=1, guidance_scale=1.0)
+    assert out.images.shape == (1, 3, 3, 32, 32) and scope.num_frames == 8  # the default is restored
+    clips = wan.sample(PROMPTS[:1], num_frames=5, num_inference_steps=1, guidance_scale=1.0, output_type="pil").images
+    assert len(clips) == 1 and len(clips[0]) == 5 and clips[0][0].size == (32, 32)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_exact_target_recovers_x0_and_noise(generators, family):
+    gen = generators[family]
+    shape = gen.latent_shape(3)
+    x0, noise = _random(shape, 0), _random(shape, 1)
+    t = gen.sample_timesteps(3, generator=torch.Generator().manual_seed(2))
+    x_t = gen.add_noise(x0, noise, t)
+    target = gen.target(x0, noise, t)
+    torch.testing.assert_close(gen.predict_x0(x_t, t, target), x0, atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(gen.predict_noise(x_t, t, target), noise, atol=2e-4, rtol=1e-4)
+    if gen.is_flow:  # x_s = (1 - s) x0 + s eps, v = eps - x0, and VideoAlign's Lemma
+        s = t.reshape(-1, 1, 1, 1, 1)
+        torch.testing.assert_close(x_t, (1 - s) * x0 + s * noise)
+        torch.testing.assert_close(target, noise - x0)
+        v_hat = _random(shape, 3)
+        lhs = ((noise - gen.predict_noise(x_t, t, v_hat)) ** 2).flatten(1).mean(1)
+        rhs = (1 - t) ** 2 * ((target - v_hat) ** 2).flatten(1).mean(1)
+        torch.testing.assert_close(lhs, rhs, atol=1e-5, rtol=1e-4)
+    else:  # x_t = sqrt(abar) x0 + sqrt(1 - abar) eps, target eps
+        abar = gen.alphas_cumprod[t].reshape(-1, 1, 1, 1, 1)
+        torch.testing.assert_close(x_t, abar.sqrt() * x0 + (1 - abar).sqrt() * noise)
+        torch.testing.assert_close(target, noise)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_stochastic_step_log_prob_is_the_mean_gaussian_log_density(generators, family):
+    gen = generators[family]
+    timesteps, next_timesteps = gen.sampling_timesteps(4)
+    shape = gen.latent_shape(2)
+    x_t, out = _random(shape, 0), _random(shape, 1)
+    result = gen.step(x_t, timesteps[1], next_timesteps[1], out, eta=0.7, generator=torch.Generator().manual_seed(0))
+    z = (result.prev_sample - result.mean) / result.std
+    expected = (-(z**2) / 2 - torch.log(result.std) - 0.5 * math.log(2 * math.pi)).flatten(1).mean(1)
+    torch.testing.assert_close(result.log_prob, expected, atol=1e-5, rtol=1e-5)
+    assert result.log_prob.shape == (2,) and result.log_prob.dtype == torch.float32
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_stored_transitions_reevaluate_to_the_sampling_log_prob(generators, family):
+    gen = generators[family]
+    eta = 0.7 if gen.is_flow else 1.0
+    out = gen.sample(PROMPTS, num_inference_steps=3, guidance_scale=3.0, eta=eta, return_trajectory=True,
+                     output_type="latent", generator=torch.Generator().manual_seed(0))
+    trajectory = out.trajectory
+    assert trajectory.log_probs.shape == (2, 3) and trajectory.latents.shape == (2, 4, *gen.latent_shape(2)[1:])
+    with torch.no_grad():
+        for index in range(3):
+            again = gen.step_log_prob(trajectory.latents[:, index], trajectory.timesteps[index],
+                                      trajectory.next_timesteps[index], trajectory.latents[:, index + 1], out.cond,
+                                      eta=eta, guidance_scale=3.0)
+            torch.testing.assert_close(again.log_prob, trajectory.log_probs[:, index], atol=1e-4, rtol=1e-5)
+    saved = {k: v.clone() for k, v in gen.denoiser.state_dict().items()}
+    try:
+        _perturb(gen.denoiser.parameters(), 0.05)
+        with torch.no_grad():
+            moved = gen.step_log_prob(trajectory.latents[:, 1], trajectory.timesteps[1], trajectory.next_timesteps[1],
+                                      trajectory.latents[:, 2], out.cond, eta=eta, guidance_scale=3.0)
+    finally:
+        gen.denoiser.load_state_dict(saved)
+    assert not torch.allclose(moved.log_prob, trajectory.log_probs[:, 1], atol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lora_reference_and_gradient_through_chosen_steps(tiny_model_dir, family):
+    gen = load_generator(tiny_model_dir(family), num_frames=FRAMES[family], height=32, width=32)
+    cond = gen.encode_prompt(PROMPTS[:1])
+    x_t = _random(gen.latent_shape(1), 0)
+    t = torch.tensor([0.5]) if gen.is_flow else torch.tensor([500])
+    with torch.no_grad():
+        base = gen.predict(x_t, t, cond)
+    trainable = gen.add_lora(rank=2)
+    _perturb(trainable, 0.3)
+    torch.testing.assert_close(gen.reference().predict(x_t, t, cond), base, atol=1e-5, rtol=1e-5)
+    assert (gen.predict(x_t, t, cond) - base).abs().max() > 1e-4
+
+    calls = []
+    handle = gen.denoiser.register_forward_hook(lambda m, a, o: calls.append(torch.is_grad_enabled()))
+    try:
+        out = gen.sample(cond=cond, num_inference_steps=3, guidance_scale=1.0, grad_steps=[2],
+                         generator=torch.Generator().manual_seed(0))
+    finally:
+        handle.remove()
+    assert calls == [False, False, True]
+    assert out.images.shape == (1, FRAMES[family], 3, 32, 32) and out.images.requires_grad
+    out.images[:, -1].mean().backward()  # the last frame alone reaches the weights
+    assert all(p.grad is not None for p in trainable) and sum(p.grad.abs().sum() for p in trainable) > 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_saved_lora_loads_back_and_into_the_plain_pipeline(tiny_model_dir, generators, tmp_path, family):
+    gen = load_generator(tiny_model_dir(family), num_frames=FRAMES[family], height=32, width=32)
+    _perturb(gen.add_lora(rank=4, alpha=8), 0.5)
+    gen.save_lora(tmp_path / "lora")
+    ours = gen.sample(PROMPTS[:1], num_inference_steps=2, guidance_scale=1.0, generator=torch.Generator().manual_seed(3))
+    if family == "wan":
+        pipe = type(gen.pipe).from_pretrained(tiny_model_dir(family))
+        pipe.set_progress_bar_config(disable=True)
+        pipe.load_lora_weights(tmp_path / "lora")
+        theirs = pipe(PROMPTS[:1], num_inference_steps=2, guidance_scale=1.0, height=32, width=32,
+                      num_frames=FRAMES[family], output_type="pt", generator=torch.Generator().manual_seed(3)).frames
+    else:  # diffusers' UNet3DConditionModel takes no LoRA; a fresh generator does
+        fresh = load_generator(tiny_model_dir(family), num_frames=FRAMES[family], height=32, width=32)
+        fresh.load_lora(tmp_path / "lora")
+        theirs = fresh.sample(PROMPTS[:1], num_inference_steps=2, guidance_scale=1.0,
+                              generator=torch.Generator().manual_seed(3)).images
+    torch.testing.assert_close(theirs, ours.images, atol=1e-4, rtol=1e-4)
+    base = generators[family].sample(PROMPTS[:1], num_inference_steps=2, guidance_scale=1.0,
+                                     generator=torch.Generator().manual_seed(3)).images
+    assert (base - ours.images).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_decode_in_frame_chunks_is_the_same_video(generators, family):
+    gen = generators[family]
+    latents = _random(gen.latent_shape(2), 0)
+    whole = gen.decode(latents)
+    batches = []
+    handle = gen.vae.decoder.register_forward_hook(lambda m, a, o: batches.append(a[0].shape[0]))
+    try:
+        gen.decode_chunk_size = 3
+        chunked = gen.decode(latents)
+    finally:
+        gen.decode_chunk_size = None
+        handle.remove()
+    torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-5)
+    if family == "modelscope":  # 16 frames, 3 per decoder call
+        assert batches == [3, 3, 3, 3, 3, 1]
+    else:  # the causal VAE decodes whole clips latent frame by latent frame: one clip per call
+        assert len(batches) == 2 * 3 and set(batches) == {1}
+    videos = torch.rand(2, FRAMES[family], 3, 32, 32)
+    encoded = gen.encode(videos, sample=False)
+    assert encoded.shape == gen.latent_shape(2)
+    assert gen.decode(encoded).shape == videos.shape
+    with pytest.raises(ValueError, match="\\[B, F, 3, H, W\\]"):
+        gen.encode(videos[:, 0])
+
+
+def test_modelscope_checkpoints_the_whole_unet_call(tiny_model_dir):
+    gen = load_generator(tiny_model_dir("modelscope"), num_frames=4, height=32, width=32)
+    trainable = gen.add_lora(rank=2)
+    _perturb(trainable, 0.3)
+    cond = gen.encode_prompt(PROMPTS[:1])
+    x_t, t = _random(gen.latent_shape(1), 0), torch.tensor([400])
+
+    def gradients():
+        for p in trainable:
+            p.grad = None
+        gen.predict(x_t, t, cond).square().mean().backward()
+        return [p.grad.clone() for p in trainable]
+
+    plain = gradients()
+    calls = []
+    handle = gen.denoiser.register_forward_pre_hook(lambda m, a: calls.append(1))
+    try:
+        gen.enable_gradient_checkpointing(vae=False)
+        checkpointed = gradients()
+    finally:
+        handle.remove()
+        gen._checkpoint_denoiser = False
+    assert len(calls) == 2  # forward, and again (recomputed) in backward
+    for a, b in zip(plain, checkpointed):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_wan_samples_on_a_flow_euler_grid_whatever_scheduler_it_ships(tiny_model_dir, tmp_path):
+    import shutil
+
+    folder = tmp_path / "wan-unipc"
+    shutil.copytree(tiny_model_dir("wan"), folder)
+    unipc = diffusers.UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    unipc.save_pretrained(folder / "scheduler")
+    index = json.loads((folder / "model_index.json").read_text())
+    index["scheduler"] = ["diffusers", "UniPCMultistepScheduler"]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    gen = load_generator(folder, num_frames=5, height=32, width=32)
+    assert isinstance(gen.pipe.scheduler, diffusers.UniPCMultistepScheduler)
+    timesteps, next_timesteps = gen.sampling_timesteps(4)
+    grid = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+    grid.set_timesteps(4)
+    torch.testing.assert_close(timesteps, grid.sigmas[:-1])
+    torch.testing.assert_close(next_timesteps, grid.sigmas[1:])
+    assert gen.sample(PROMPTS[:1], num_inference_steps=2, guidance_scale=1.0).images.shape == (1, 5, 3, 32, 32)

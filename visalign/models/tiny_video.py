@@ -1,0 +1,147 @@
+"""Random-init tiny text-to-video models of the video families, built offline.
+
+The same diffusers/transformers classes as the real checkpoints:
+
+- ``modelscope``: ModelScope T2V / zeroscope layout (``TextToVideoSDPipeline``):
+  ``UNet3DConditionModel`` (2D spatial blocks plus temporal convolutions and temporal
+  attention), the per-frame SD ``AutoencoderKL``, a CLIP text encoder and DDIM. Its spatial
+  backbone has the widths and blocks of the tiny ``sd`` UNet, so the two compare per frame.
+- ``wan``: Wan 2.1 layout (``WanPipeline``): ``WanTransformer3DModel`` (a rectified-flow DiT
+  over (frame, height, width) patches), the causal 3D ``AutoencoderKLWan`` (4x temporal and 4x
+  spatial compression here; 8x spatial in the real one), a ``UMT5EncoderModel`` text encoder
+  and ``FlowMatchEulerDiscreteScheduler``. The real Wan ships a T5 tokenizer; the tiny one
+  uses the project's offline CLIP BPE tokenizer (the pipeline only calls ``tokenizer(...)``).
+
+Sizes: 32x32 frames; ``modelscope`` any number of frames (8 by default), ``wan`` ``4k + 1``
+frames (9 by default: 3 latent frames), the causal VAE's constraint.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+TINY_VIDEO_FAMILIES = ("modelscope", "wan")
+
+_TEXT_WIDTH = 32
+
+
+def _tokenizer(tokenizer_dir: str | os.PathLike | None):
+    from transformers import CLIPTokenizer
+
+    from .tokenizer import build_clip_tokenizer
+
+    if tokenizer_dir is None:
+        import tempfile
+
+        tokenizer_dir = tempfile.mkdtemp(prefix="visalign-tok-")
+    tokenizer_dir = Path(tokenizer_dir)
+    if (tokenizer_dir / "vocab.json").exists():
+        return CLIPTokenizer.from_pretrained(tokenizer_dir)
+    return build_clip_tokenizer(tokenizer_dir)
+
+
+def build_tiny_video_components(family: str, seed: int = 0, tokenizer_dir: str | os.PathLike | None = None,
+                                size: str = "tiny") -> dict:
+    """The components of a tiny pipeline of a video ``family`` (one of :data:`TINY_VIDEO_FAMILIES`)."""
+    if family not in TINY_VIDEO_FAMILIES:
+        raise ValueError(f"unknown tiny video family {family!r}; expected one of {TINY_VIDEO_FAMILIES}")
+    if size != "tiny":
+        raise ValueError(f"video families have only size='tiny' so far, got {size!r}")
+    tokenizer = _tokenizer(tokenizer_dir)
+    torch.manual_seed(seed)
+    if family == "modelscope":
+        return _modelscope(tokenizer)
+    return _wan(tokenizer)
+
+
+def _modelscope(tokenizer) -> dict:
+    from diffusers import DDIMScheduler, UNet3DConditionModel
+    from transformers import CLIPTextModel
+
+    from .tiny import _clip_text_config, _tiny_vae
+
+    unet = UNet3DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+        up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        cross_attention_dim=_TEXT_WIDTH,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    # ModelScope T2V's scheduler: SD's scaled-linear betas, epsilon prediction.
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    return dict(
+        unet=unet,
+        vae=_tiny_vae(),
+        text_encoder=CLIPTextModel(_clip_text_config()),
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+    )
+
+
+def _wan(tokenizer) -> dict:
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    latent_channels = 4
+    vae = AutoencoderKLWan(
+        base_dim=8,
+        z_dim=latent_channels,
+        dim_mult=[1, 2, 2],
+        num_res_blocks=1,
+        temperal_downsample=[True, True],  # 2 stages: 4x in space and 4x in time
+        latents_mean=[0.0] * latent_channels,
+        latents_std=[1.0] * latent_channels,
+        scale_factor_temporal=4,
+        scale_factor_spatial=4,
+    )
+    text_encoder = UMT5EncoderModel(
+        UMT5Config(
+            vocab_size=len(tokenizer),
+            d_model=_TEXT_WIDTH,
+            d_kv=8,
+            d_ff=64,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            relative_attention_max_distance=32,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            decoder_start_token_id=tokenizer.pad_token_id,
+        )
+    )
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
+        text_dim=_TEXT_WIDTH,
+        freq_dim=32,
+        ffn_dim=64,
+        num_layers=2,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+    )
+    return dict(
+        transformer=transformer,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0),
+    )
