@@ -145,6 +145,20 @@ _sample_callback = sample_command.callback
 sample_command.callback = lambda args: _sample_callback(_dashed_overrides(args))
 
 
+from .demo import DemoConfig  # noqa: E402
+
+
+@config_command("demo", DemoConfig, "Personalised generation in the browser (Gradio; pip install 'visalign[demo]').")
+def demo_command(config: DemoConfig):
+    from .demo import run_demo
+    from .models import ModelLoadError
+
+    try:
+        run_demo(config)
+    except (ModelLoadError, ConfigError) as error:
+        raise click.ClickException(str(error)) from None
+
+
 from .training.config import TrainConfig  # noqa: E402
 
 

@@ -1,4 +1,5 @@
-"""``visalign sample``: generate images from any supported model and save PNGs and a grid."""
+"""``visalign sample``: generate images (PNGs) or clips (MP4/GIF) from any supported model, and a grid
+(for clips, a frame grid: one row per clip)."""
 
 from __future__ import annotations
 
@@ -35,6 +36,13 @@ class SampleConfig:
     reward: str | None = field(None, help="reward for steer: a registered name (visalign reward list) or a saved reward folder")
     particles: int = field(4, help="steer=fk: particles per image; steer=best-of-n: candidates per image")
     steering: SteeringConfig = field(default_factory=SteeringConfig, help="steering options (steering.lmbda=10, ...)")
+    num_frames: int | None = field(None, help="video models: frames per clip (default: the model's)")
+    video_format: str = field("mp4", help="video models: mp4, gif or both (mp4 needs visalign[video])")
+    fps: int = field(8, help="video models: frames per second of the written clips")
+    user: str | None = field(None, help="a user embedding file (visalign.personal.save_user): images for that user's taste")
+    route: str = field("steer", help="with user: steer (FK steering with the personal reward) or ppd (needs ppd=)")
+    ppd: str | None = field(None, help="with user: a PPD user branch (safetensors) for route=ppd")
+    strength: float = field(1.0, help="with user: 0 = the base model, 1 = fully personal")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -67,7 +75,7 @@ def run_sample(config: SampleConfig) -> dict:
     """Generate ``num_images_per_prompt`` images for each prompt; returns a summary dict."""
     from tqdm.auto import tqdm
 
-    from .images import save_labelled_grid, save_png, slugify
+    from .images import save_sample, save_sample_grid, slugify
     from .models import load_generator
 
     prompts = read_prompts(config)
@@ -79,8 +87,14 @@ def run_sample(config: SampleConfig) -> dict:
     generator = load_generator(config.model, family=config.family, torch_dtype=resolve_dtype(config.dtype, device), device=device)
     if config.lora:
         generator.load_lora(config.lora)
+    if generator.is_video:
+        generator.set_video_size(num_frames=config.num_frames)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
+    if config.user is not None:
+        from .personal import run_personal_sample
+
+        return run_personal_sample(config, generator, prompts, out, device)
     if config.steer is not None:
         from pipelines.sample import run_steered
 
@@ -102,10 +116,10 @@ def run_sample(config: SampleConfig) -> dict:
                 generator=rng,
             )
         for (p_index, prompt, i), image in zip(batch, result.images):
-            path = save_png(image, out / f"{p_index:03d}-{slugify(prompt)}-{i}.png")
+            path = save_sample(image, out / f"{p_index:03d}-{slugify(prompt)}-{i}", config.video_format, config.fps)
             records.append({"file": path.name, "prompt": prompt, "index": i})
             images.append(image.cpu())
-    grid = save_labelled_grid(torch.stack(images), prompts, out / "grid.png", per_row=config.num_images_per_prompt)
+    grid = save_sample_grid(torch.stack(images), prompts, out / "grid.png", per_row=config.num_images_per_prompt)
     with open(out / "samples.jsonl", "w") as handle:
         for record in records:
             handle.write(json.dumps(record) + "\n")
