@@ -82,7 +82,7 @@ def run_steered(config, generator, prompts: list[str], out: Path, device: torch.
     import rewards
     from tqdm.auto import tqdm
 
-    from visalign.images import save_labelled_grid, save_png, slugify
+    from visalign.images import save_sample, save_sample_grid, slugify
 
     try:
         reward = rewards.load(config.reward, **config.steering.reward_options)
@@ -107,17 +107,18 @@ def run_steered(config, generator, prompts: list[str], out: Path, device: torch.
         result = steerer([prompt for _, prompt, _ in batch], **kwargs)
         diagnostics.append(result.diagnostics.to_dict())
         for row, ((p_index, prompt, i), image) in enumerate(zip(batch, result.images)):
-            path = save_png(image, out / f"{p_index:03d}-{slugify(prompt)}-{i}.png")
+            path = save_sample(image, out / f"{p_index:03d}-{slugify(prompt)}-{i}", config.video_format, config.fps)
             record = {"file": path.name, "prompt": prompt, "index": i, "reward": float(result.rewards[row])}
             if config.steering.save_particles:
                 record["particles"] = []
                 for j, particle in enumerate(result.particles[row]):
-                    particle_path = save_png(particle, out / "particles" / f"{p_index:03d}-{i}-{j}.png")
+                    particle_path = save_sample(particle, out / "particles" / f"{p_index:03d}-{i}-{j}", config.video_format,
+                                                config.fps)
                     record["particles"].append({"file": f"particles/{particle_path.name}",
                                                 "reward": float(result.particle_rewards[row, j])})
             records.append(record)
             images.append(image.cpu())
-    grid = save_labelled_grid(torch.stack(images), prompts, out / "grid.png", per_row=config.num_images_per_prompt)
+    grid = save_sample_grid(torch.stack(images), prompts, out / "grid.png", per_row=config.num_images_per_prompt)
     with open(out / "samples.jsonl", "w") as handle:
         for record in records:
             handle.write(json.dumps(record) + "\n")

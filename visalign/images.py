@@ -66,3 +66,67 @@ def save_labelled_grid(
     figure.savefig(path, dpi=100)
     plt.close(figure)
     return path
+
+
+# -------------------------------------------------------------------------------- video
+
+VIDEO_FORMATS = ("mp4", "gif", "both")
+
+
+def save_video(video: Tensor, path: str | os.PathLike, fps: int = 8) -> Path:
+    """Save one clip ``[F, 3, H, W]`` in [0, 1] as ``.mp4`` (H.264 through imageio-ffmpeg) or
+    ``.gif``, by the file's suffix."""
+    from .models.base import to_pil
+
+    path = Path(path)
+    if video.dim() != 4 or video.shape[1] != 3:
+        raise ValueError(f"save_video expects a clip [F, 3, H, W], got shape {tuple(video.shape)}")
+    try:
+        import imageio.v2 as imageio
+    except ImportError:
+        raise ImportError("saving video needs imageio: pip install 'visalign[video]'") from None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frames = [frame for frame in (video.detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype("uint8")]
+    if path.suffix == ".gif":
+        # PIL writes the GIF: imageio's pillow plugin takes the frame time in milliseconds.
+        pictures = to_pil(video)
+        pictures[0].save(path, save_all=True, append_images=pictures[1:], duration=round(1000 / fps), loop=0)
+    elif path.suffix == ".mp4":
+        try:
+            import imageio_ffmpeg  # noqa: F401
+        except ImportError:
+            raise ImportError("writing MP4 needs imageio-ffmpeg: pip install 'visalign[video]' (or video_format=gif)") from None
+        # macro_block_size=1: keep the frame size (small testbed clips) instead of padding to 16.
+        imageio.mimwrite(path, frames, fps=fps, codec="libx264", macro_block_size=1, quality=8)
+    else:
+        raise ValueError(f"video files are .mp4 or .gif, got {path.name!r}")
+    return path
+
+
+def save_sample(sample: Tensor, stem: str | os.PathLike, video_format: str = "mp4", fps: int = 8) -> Path:
+    """Save one generated sample next to ``stem`` (a path without suffix): an image ``[3, H, W]``
+    as ``stem.png``, a clip ``[F, 3, H, W]`` as ``stem.mp4``, ``stem.gif`` or both
+    (``video_format``). Returns the (first) file written."""
+    stem = Path(stem)
+    if sample.dim() == 3:
+        return save_png(sample, stem.with_name(stem.name + ".png"))
+    if video_format not in VIDEO_FORMATS:
+        raise ValueError(f"video_format must be one of {VIDEO_FORMATS}, got {video_format!r}")
+    suffixes = ("mp4", "gif") if video_format == "both" else (video_format,)
+    written = [save_video(sample, stem.with_name(f"{stem.name}.{suffix}"), fps) for suffix in suffixes]
+    return written[0]
+
+
+def save_sample_grid(samples: Tensor, prompts: Sequence[str], path: str | os.PathLike, per_row: int,
+                     max_frames: int = 16) -> Path:
+    """The overview of a run: for images ``[N, 3, H, W]``, one row per prompt with ``per_row``
+    images (:func:`save_labelled_grid`); for clips ``[N, F, 3, H, W]``, a frame grid with one row
+    per clip (labelled with its prompt) and its frames along the row (at most ``max_frames``,
+    evenly spaced)."""
+    if samples.dim() == 4:
+        return save_labelled_grid(samples, prompts, path, per_row=per_row)
+    num_frames = samples.shape[1]
+    shown = torch.linspace(0, num_frames - 1, min(num_frames, max_frames)).round().long()
+    labels = [f"{prompt} ({index})" for prompt in prompts for index in range(per_row)][: samples.shape[0]]
+    frames = samples[:, shown].flatten(0, 1)
+    return save_labelled_grid(frames, labels, path, per_row=len(shown), cell_inches=0.8)

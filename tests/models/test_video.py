@@ -263,3 +263,28 @@ def test_wan_samples_on_a_flow_euler_grid_whatever_scheduler_it_ships(tiny_model
     torch.testing.assert_close(timesteps, grid.sigmas[:-1])
     torch.testing.assert_close(next_timesteps, grid.sigmas[1:])
     assert gen.sample(PROMPTS[:1], num_inference_steps=2, guidance_scale=1.0).images.shape == (1, 5, 3, 32, 32)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_visalign_sample_writes_clips_and_a_frame_grid(tiny_model_dir, tmp_path, family):
+    import imageio.v3 as iio
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from visalign.cli import main
+
+    out = tmp_path / "out"
+    frames = {"modelscope": 4, "wan": 5}[family]
+    result = CliRunner().invoke(main, [
+        "sample", f"model={tiny_model_dir(family)}", "prompts=[a red circle moving left, a blue square moving up]",
+        "steps=2", "num_images_per_prompt=1", f"num_frames={frames}", "height=32", "width=32", "video_format=both",
+        "fps=4", f"out={out}",
+    ])
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [r["file"] for r in records] == ["000-a-red-circle-moving-left-0.mp4", "001-a-blue-square-moving-up-0.mp4"]
+    mp4 = iio.imread(out / records[0]["file"])
+    assert mp4.shape == (frames, 32, 32, 3)
+    gif = Image.open(out / records[1]["file"].replace(".mp4", ".gif"))
+    assert gif.n_frames == frames and gif.size == (32, 32)
+    assert (out / "grid.png").stat().st_size > 0
