@@ -269,3 +269,16 @@ def test_trains_on_a_synth_data_set_with_and_without_the_latent_cache(tiny_model
         })
         result = train(config)
         assert result.step == 2 and (result.final_weights / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_docs_option_table_matches_the_options_dataclass():
+    import dataclasses
+    import re
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[2] / "docs" / "algorithms" / "rankdpo.md").read_text()
+    documented = dict(re.findall(r"^\| `(\w+)` \| `?([\w.]+)`? \|", page, flags=re.M))
+    defaults = {f.name: f.default for f in dataclasses.fields(RankDPOOptions)}
+    assert set(documented) == set(defaults)
+    for name, value in defaults.items():
+        assert documented[name] == (f"{value:g}" if isinstance(value, float) else str(value)), name
