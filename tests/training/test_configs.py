@@ -32,6 +32,8 @@ REAL = {  # file -> (model.path, family, resolution, mixed_precision, objective,
     "sdxl_dpo.yaml": ("stabilityai/stable-diffusion-xl-base-1.0", "sdxl", 1024, "bf16", "dpo", "full", "pickapic"),
     "sd3_flow_dpo.yaml": ("stabilityai/stable-diffusion-3-medium-diffusers", "sd3", 1024, "bf16", "dpo", "lora", "jsonl"),
     "sd15_kto.yaml": ("stable-diffusion-v1-5/stable-diffusion-v1-5", "sd", 512, "fp16", "kto", "full", "pickapic"),
+    "sd15_seppo.yaml": ("stable-diffusion-v1-5/stable-diffusion-v1-5", "sd", 512, "fp16", "seppo", "full", "pickapic"),
+    "sd15_dro.yaml": ("stable-diffusion-v1-5/stable-diffusion-v1-5", "sd", 512, "bf16", "dro", "full", "captions"),
     "sdxl_rankdpo.yaml": ("stabilityai/stable-diffusion-xl-base-1.0", "sdxl", 1024, "bf16", "rankdpo", "full", "parquet"),
     "sd3_rankdpo.yaml": ("stabilityai/stable-diffusion-3-medium-diffusers", "sd3", 1024, "bf16", "rankdpo", "lora", "parquet"),
 }
@@ -132,6 +134,59 @@ def test_rankdpo_recipes_read_synth_rankings_with_the_dpo_beta_of_their_family(n
         assert config.options["beta"] == reference.options["beta"]
         assert (config.optim.optimizer, config.optim.lr, config.optim.scale_lr) == (
             reference.optim.optimizer, reference.optim.lr, reference.optim.scale_lr)
+
+
+# Winners-only recipes (ALGORITHMS.md sections 4 and 10): SePPO's pool (K = 7, every 30 updates,
+# random replay, batch 2048) and DiffusionDRO's official defaults.
+WINNERS_ONLY = {
+    "sd15_seppo.yaml": {"options": {"reference_strategy": "random", "pool_size": 7, "save_every": 30, "flipper": "sign"},
+                        "batch": 2048 // 8, "lr": 1e-8},
+    "sd15_dro.yaml": {"options": {"margin": 1e-3, "refresh_every": 16, "buffer_batches": 4, "num_inference_steps": 20,
+                                  "guidance_scale": 1.0, "prompt_dropout": 0.2},
+                      "batch": 4 * 16, "lr": 1e-4, "max_steps": 25600, "ema": True},
+}
+
+
+@pytest.mark.parametrize("name", sorted(WINNERS_ONLY))
+def test_winners_only_recipes_carry_the_published_defaults(name):
+    config = load_config(TrainConfig, CONFIGS / name)
+    expected = WINNERS_ONLY[name]
+    assert {k: config.options[k] for k in expected["options"]} == expected["options"]
+    assert config.batch_size * config.gradient_accumulation_steps == expected["batch"]
+    assert config.optim.lr == expected["lr"] and config.optim.max_grad_norm == 1.0
+    if "max_steps" in expected:
+        assert config.max_steps == expected["max_steps"] and config.ema.enabled == expected["ema"]
+
+
+# Online reward fine-tuning (issue 11; ALGORITHMS.md sections 5, 7): file -> (model, objective, options checked)
+ONLINE = {
+    "sd15_ddpo.yaml": ("stable-diffusion-v1-5/stable-diffusion-v1-5", "ddpo", {
+        "num_inference_steps": 50, "guidance_scale": 5.0, "eta": 1.0, "clip_range": 1e-4, "adv_clip": 5.0,
+        "stat_min_count": 16, "rewards": {"aesthetic": 1.0}, "prompts": "assets/prompts/simple_animals.txt"}),
+    "sd15_prdp.yaml": ("stable-diffusion-v1-5/stable-diffusion-v1-5", "prdp", {
+        "num_inference_steps": 50, "guidance_scale": 5.0, "eta": 1.0, "group_size": 8,
+        "rewards": {"pickscore": 10.0, "hpsv2": 2.0, "aesthetic": 0.05}}),
+    "sd3_grpo.yaml": ("stabilityai/stable-diffusion-3-medium-diffusers", "grpo", {
+        "num_inference_steps": 10, "guidance_scale": 4.5, "eta": 0.7, "group_size": 24, "clip_range": 1e-4,
+        "timestep_fraction": 0.99, "rewards": {"pickscore": 1.0}}),
+    "testbed_prdp.yaml": ("assets/testbed/sd", "prdp", {"rewards": {"testbed-oracle": 1.0}}),
+    "testbed_ddpo.yaml": ("assets/testbed/sd", "ddpo", {"rewards": {"testbed-oracle": 1.0}}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ONLINE))
+def test_online_recipes_carry_the_published_defaults(name):
+    config = load_config(TrainConfig, CONFIGS / name)
+    model, objective, options = ONLINE[name]
+    assert (config.model.path, config.objective, config.model.finetune) == (model, objective, "lora")
+    assert {k: config.options[k] for k in options} == options
+    if name.startswith("sd"):
+        assert (config.optim.lr, config.optim.weight_decay, config.optim.max_grad_norm) == (3e-4, 1e-4, 1.0)
+    prompts = config.options["prompts"]
+    if prompts.startswith("assets/"):
+        assert (CONFIGS.parents[1] / prompts).is_file()
+    if name == "sd3_grpo.yaml":
+        assert (config.model.lora.rank, config.model.lora.alpha) == (32, 64)
 
 
 # ------------------------------------------------------------------------------------------------
