@@ -217,13 +217,13 @@ class Rollout:
 
 
 def collect_rollout(generator: Generator, prompts: Sequence[str], group_size: int, *, num_inference_steps: int,
-                    guidance_scale: float, eta: float, seed: int, chunk_size: int = 32
-                    ) -> tuple[Rollout, Tensor]:
+                    guidance_scale: float, eta: float, seed: int, chunk_size: int = 32,
+                    resolution: int | None = None) -> tuple[Rollout, Tensor]:
     """Sample ``group_size`` images of every prompt with the current weights, no gradient.
 
     Returns the :class:`Rollout` (latents, timesteps, log-probs, conditioning) and the decoded
     images ``[B, 3, H, W]`` for the reward. Sampling runs in chunks of at most ``chunk_size``
-    images, seeded by ``seed`` (chunk ``i`` by ``seed + i``).
+    images, seeded by ``seed`` (chunk ``i`` by ``seed + i``), at ``resolution`` (default: the model's).
     """
     if eta <= 0:
         raise ConfigError("online objectives need a stochastic sampler: eta > 0")
@@ -235,7 +235,8 @@ def collect_rollout(generator: Generator, prompts: Sequence[str], group_size: in
             part = expanded[start : start + chunk_size]
             rng = torch.Generator(generator.device).manual_seed(seed + index)
             out = generator.sample(part, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                                   eta=eta, generator=rng, return_trajectory=True)
+                                   eta=eta, generator=rng, return_trajectory=True, height=resolution,
+                                   width=resolution)
             trajectory = out.trajectory
             latents.append(trajectory.latents)
             log_probs.append(trajectory.log_probs)
@@ -299,6 +300,7 @@ class OnlineOptions:
     timestep_fraction: float = field(1.0, help="share of each trajectory's steps trained on")
     pareto: bool = field(False, help="Parrot: train only on each prompt group's Pareto front over the rewards")
     sample_chunk: int = field(32, help="images per sampling call")
+    resolution: int | None = field(None, help="sampling height and width (default: the model's)")
 
 
 class OnlineObjective(Objective):
@@ -369,7 +371,7 @@ class OnlineObjective(Objective):
         seed = ((self.seed * 1_000_003 + step) * 8_191 + self.rank) % (2**62)
         rollout, images = collect_rollout(
             self.generator, self.choose_prompts(step), o.group_size, num_inference_steps=o.num_inference_steps,
-            guidance_scale=o.guidance_scale, eta=o.eta, seed=seed, chunk_size=o.sample_chunk)
+            guidance_scale=o.guidance_scale, eta=o.eta, seed=seed, chunk_size=o.sample_chunk, resolution=o.resolution)
         rollout.rewards, rollout.components = self.reward(images, rollout.prompts)
         rollout.selected = (group_pareto_mask(rollout.components, o.group_size) if o.pareto
                             else torch.ones(len(rollout), dtype=torch.bool))
@@ -384,10 +386,10 @@ class OnlineObjective(Objective):
             self.last["pareto_share"] = float(rollout.selected.float().mean())
 
     def trained_steps(self, count: int, generator: torch.Generator) -> Tensor:
-        """``[count, n]``: for each of ``count`` rows, a random subset of ``n = ceil(N * fraction)``
+        """``[count, n]``: for each of ``count`` rows, a random subset of ``n = int(N * fraction)``
         step indices in random order (DDPO shuffles the timesteps of every sample)."""
         steps = self.rollout.num_steps
-        n = max(1, round(steps * self.options.timestep_fraction))
+        n = max(1, int(steps * self.options.timestep_fraction))
         order = torch.argsort(torch.rand(count, steps, generator=generator), dim=1)
         return order[:, :n]
 
