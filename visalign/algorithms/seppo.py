@@ -228,7 +228,7 @@ class SePPO(Objective):
         self._reference = None
         self._loaded_digest: str | None = None
         self._reference_module: torch.nn.Module | None = None
-        self.stats = {"reference_sample_s": 0.0, "cache_hits": 0, "cache_misses": 0}
+        self.stats = {"reference_sample_s": 0.0, "reference_sample_cpu_s": 0.0, "cache_hits": 0, "cache_misses": 0}
 
     # ---------------------------------------------------------------- set-up and the pool
 
@@ -300,7 +300,7 @@ class SePPO(Objective):
             else:
                 missing.setdefault(prompt, []).append(i)
         if missing:
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             unique = list(missing)
             gen = self.generator
             shape = gen.latent_shape(1, height, width)[1:]
@@ -321,6 +321,7 @@ class SePPO(Objective):
                 self.cache.popitem(last=False)
             self.stats["cache_misses"] += sum(len(v) for v in missing.values())
             self.stats["reference_sample_s"] += time.perf_counter() - start
+            self.stats["reference_sample_cpu_s"] += time.process_time() - start_cpu
         return torch.stack(result)
 
     def _noise_seed(self, checkpoint_step: int, prompt: str) -> int:
