@@ -197,7 +197,7 @@ def build_app(backend: DemoBackend):
             strength = gr.Slider(0.0, 1.0, value=1.0, step=0.05, label="base \u2194 personal", elem_id="strength")
         generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
         gallery = gr.Gallery(label="For your taste", columns=backend.config.num_images, elem_id="gallery",
-                             height=backend.config.display_size + 60)
+                             height=backend.config.display_size + 80, object_fit="contain")
 
         outputs = [session, left, right, status]
         app.load(start, None, outputs, api_name="pair")
