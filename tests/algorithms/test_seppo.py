@@ -259,10 +259,14 @@ def test_cache_returns_what_generation_would_and_skips_the_sampler(tiny_model_di
     uncached.start()
     uncached.select_reference(0)
     torch.testing.assert_close(uncached.reference_samples(PROMPTS[1:2], 32, 32)[0], first[1])
-    # Another checkpoint gives other samples for the same prompt.
+    # Another checkpoint gives other samples (and other cache entries) for the same prompt.
+    latest = SePPO(generator, SePPOOptions(reference_strategy="latest", save_every=1, **FAST))
+    latest.start()
+    latest.select_reference(0)
     perturb(trainable, 0.2)
-    other = cached._noise_seed(1, PROMPTS[0]) != cached._noise_seed(0, PROMPTS[0])
-    assert other
+    latest.select_reference(1)  # snapshots the perturbed weights
+    assert latest.select_reference(2).step == 1
+    assert not torch.allclose(latest.reference_samples(PROMPTS[:1], 32, 32)[0], first[0])
 
 
 # ------------------------------------------------------------------ the trainer, winners only
