@@ -63,6 +63,7 @@ _REGISTRY: dict[str, _Entry] = {
     "frame-average": _Entry("rewards.video:build_frame_average", "mean of an image reward over every frame"),
     "temporal-consistency": _Entry("rewards.video:build_temporal_consistency", "similarity of consecutive frames"),
     "testbed-oracle": _Entry("visalign.testbed.oracle:OracleReward", "exact oracle of the visalign testbed"),
+    "testbed-video-oracle": _Entry("visalign.testbed.video:VideoOracleReward", "exact oracle of the video testbed (motion, identity, smoothness)"),
     "testbed-reward": _Entry("visalign.testbed.reward_build:load_testbed_reward", "learned HPS-style reward of the visalign testbed (assets/testbed/reward)"),
     "testbed-clip": _Entry("visalign.testbed.reward_build:load_testbed_clip", "learned CLIP-score-style reward of the visalign testbed (assets/testbed/clip)"),
 }

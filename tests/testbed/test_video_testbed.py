@@ -177,3 +177,10 @@ def test_best_of_n_and_fk_steer_video_generators_with_video_rewards(video_genera
         assert out.images.shape == (2, frames, 3, 32, 32) and out.particles.shape == (2, 2, frames, 3, 32, 32)
         torch.testing.assert_close(out.rewards, reward(out.images, prompts), atol=1e-5, rtol=1e-5)
         assert out.diagnostics.reward_evals > 4  # intermediate x0 predictions were scored too
+
+
+def test_the_video_oracle_is_a_registered_reward():
+    import rewards
+
+    reward = rewards.load("testbed-video-oracle", mode="smoothness")
+    assert isinstance(reward, VideoOracleReward) and reward.mode == "smoothness" and reward.modality == "video"
