@@ -2,15 +2,16 @@
 ``loss + backward`` of DRaFT-K (K = 1) and AlignProp against full backprop through every
 sampling step (DRaFT full), each with and without gradient checkpointing.
 
-Each (model, method, checkpointing) case runs in its own subprocess:
+Each model runs in its own subprocess, its cases one after the other:
 
 1. build the model and a LoRA (rank 4), the objective (``visalign.algorithms.reward_grad``) and a
    tiny differentiable CLIP reward (``rewards.tiny``); ``N`` DDIM steps (eta 0), batch ``B``;
-2. ``--warmup`` untimed steps;
+2. ``--warmup`` untimed steps (none for the full-size model);
 3. read the resident memory (``VmRSS``), reset the kernel's peak counter (``VmHWM``, via
    ``/proc/self/clear_refs``), run one step, and read the peak: **peak − before** is the extra
    memory the step needed (activations kept for backward, gradients, the sampler's states);
-   repeated ``--repeats`` times (medians; time is wall clock of the whole step).
+   repeated ``--repeats`` times (medians; time is wall clock of the whole step; once for the
+   full-size model, whose cases are: every method with ``none`` and ``steps``, full with ``blocks``).
 
 The subprocesses run with ``MALLOC_MMAP_THRESHOLD_=65536``: every allocation above 64 KiB gets
 its own mapping that ``free`` returns to the kernel, so resident memory follows the live tensors
@@ -74,7 +75,7 @@ def parse_args(argv=None):
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # model|method|mode|folder (subprocess)
+    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # model|folder (subprocess)
     return parser.parse_args(argv)
 
 
@@ -105,54 +106,77 @@ def build(model: str, folder: str, latent: int):
     return gen
 
 
-def run_one(spec: str, args) -> dict:
+def reset(gen) -> None:
+    """Undo a previous case's checkpointing set-up (all cases of a model share one process)."""
+    gen.set_forward_module(None)
+    gen.denoiser.disable_gradient_checkpointing()
+    gen.vae.disable_gradient_checkpointing()
+    for p in gen.trainable_parameters():
+        p.grad = None
+
+
+def run_model(spec: str, args) -> list[dict]:
+    """Every (method, mode) case of one model, one after the other in this process."""
     from rewards.tiny import tiny_clip_reward
     from visalign.algorithms.reward_grad import AlignProp, AlignPropOptions, DRaFT, DRaFTOptions
 
     torch.set_num_threads(1)
-    model, method, mode, folder = spec.split("|")
+    model, folder = spec.split("|")
     full_size = model == "sd15-full"
     gen = build(model, folder, args.full_size_latent)
+    reward = tiny_clip_reward()
     n, batch = args.steps, (1 if full_size else args.batch)
     guidance = 1.0 if full_size else args.guidance
-    common = dict(num_inference_steps=n, guidance_scale=guidance, eta=0.0, gradient_checkpointing=mode)
-    if method == "alignprop":
-        options = AlignPropOptions(truncation="fixed", truncation_fixed=n - args.alignprop_keep, **common)
-        obj = AlignProp(gen, options, reward=tiny_clip_reward())
-    else:
-        options = DRaFTOptions(variant="full" if method == "full" else "k", k=1, **common)
-        obj = DRaFT(gen, options, reward=tiny_clip_reward())
-    obj.prompts = PROMPTS
-    obj.bind(batch)
-
-    def step(seed):
-        loss, _ = obj.loss(None, torch.Generator().manual_seed(seed))
-        loss.backward()
-        for p in gen.trainable_parameters():
-            p.grad = None
-
-    for i in range(args.warmup):
-        step(i)
-    extra, times = [], []
-    for i in range(args.repeats):
-        before = _status_bytes("VmRSS")
-        reset = _reset_peak_rss()
-        start = time.perf_counter()
-        step(100 + i)
-        times.append(time.perf_counter() - start)
-        extra.append(_status_bytes("VmHWM") - before if reset else float("nan"))
     latent = gen.latent_shape(batch)
-    return {"model": model, "method": method, "mode": mode, "steps": n, "batch": batch, "guidance": guidance,
-            "grad_steps": {"full": n, "k1": 1, "alignprop": args.alignprop_keep}[method],
-            "latent_bytes": batch * latent[1] * latent[2] * latent[3] * 4,
-            "extra_bytes": statistics.median(extra), "step_s": statistics.median(times),
-            "rss_before": before}
+    rows = []
+    for method, mode in cases(args, full_size):
+        reset(gen)
+        common = dict(num_inference_steps=n, guidance_scale=guidance, eta=0.0, gradient_checkpointing=mode)
+        if method == "alignprop":
+            options = AlignPropOptions(truncation="fixed", truncation_fixed=n - args.alignprop_keep, **common)
+            obj = AlignProp(gen, options, reward=reward)
+        else:
+            obj = DRaFT(gen, DRaFTOptions(variant="full" if method == "full" else "k", k=1, **common), reward=reward)
+        obj.prompts = PROMPTS
+        obj.bind(batch)
+
+        def step(seed):
+            loss, _ = obj.loss(None, torch.Generator().manual_seed(seed))
+            loss.backward()
+            for p in gen.trainable_parameters():
+                p.grad = None
+
+        for i in range(0 if full_size else args.warmup):
+            step(i)
+        extra, times = [], []
+        for i in range(1 if full_size else args.repeats):
+            before = _status_bytes("VmRSS")
+            reset_ok = _reset_peak_rss()
+            start = time.perf_counter()
+            step(100 + i)
+            times.append(time.perf_counter() - start)
+            extra.append(_status_bytes("VmHWM") - before if reset_ok else float("nan"))
+        row = {"model": model, "method": method, "mode": mode, "steps": n, "batch": batch, "guidance": guidance,
+               "grad_steps": {"full": n, "k1": 1, "alignprop": args.alignprop_keep}[method],
+               "latent_bytes": batch * latent[1] * latent[2] * latent[3] * 4,
+               "extra_bytes": statistics.median(extra), "step_s": statistics.median(times)}
+        rows.append(row)
+        print("RESULT " + json.dumps(row), flush=True)
+    return rows
+
+
+def cases(args, full_size: bool) -> list[tuple[str, str]]:
+    methods = args.methods.split(",")
+    modes = args.modes.split(",")
+    if full_size:  # the slow model: every method without and with per-call checkpointing, full with blocks too
+        return [(m, mode) for m in methods for mode in modes if mode != "blocks" or m == "full"]
+    return [(m, mode) for m in methods for mode in modes]
 
 
 def main(argv=None):
     args = parse_args(argv)
     if args.one:
-        print("RESULT " + json.dumps(run_one(args.one, args)))
+        run_model(args.one, args)
         return
     from visalign.models.tiny import save_tiny_model
 
@@ -167,22 +191,18 @@ def main(argv=None):
     for model, family in models:
         if family not in folders:
             folders[family] = str(save_tiny_model(family, tempfile.mkdtemp(prefix=f"bench-rg-{family}-"), seed=0))
-        for method in args.methods.split(","):
-            for mode in args.modes.split(","):
-                spec = f"{model}|{method}|{mode}|{folders[family]}"
-                command = [sys.executable, __file__, "--one", spec, "--steps", str(args.steps), "--batch", str(args.batch),
-                           "--guidance", str(args.guidance), "--warmup", str(args.warmup if model != "sd15-full" else 0),
-                           "--repeats", str(args.repeats if model != "sd15-full" else 1),
-                           "--alignprop-keep", str(args.alignprop_keep), "--full-size-latent", str(args.full_size_latent)]
-                completed = subprocess.run(command, capture_output=True, text=True, env=env)
-                lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT ")]
-                if completed.returncode != 0 or not lines:
-                    print(f"{spec}: failed\n{completed.stderr[-2000:]}", file=sys.stderr)
-                    continue
-                row = json.loads(lines[-1][len("RESULT "):])
-                rows.append(row)
-                print(f"{model} {method} {mode}: +{row['extra_bytes'] / 2**20:.1f} MiB, {row['step_s']:.2f} s",
-                      file=sys.stderr, flush=True)
+        command = [sys.executable, __file__, "--one", f"{model}|{folders[family]}", "--steps", str(args.steps),
+                   "--batch", str(args.batch), "--guidance", str(args.guidance), "--warmup", str(args.warmup),
+                   "--repeats", str(args.repeats), "--alignprop-keep", str(args.alignprop_keep),
+                   "--full-size-latent", str(args.full_size_latent), "--methods", args.methods, "--modes", args.modes]
+        completed = subprocess.run(command, capture_output=True, text=True, env=env)
+        found = [json.loads(line[len("RESULT "):]) for line in completed.stdout.splitlines() if line.startswith("RESULT ")]
+        if completed.returncode != 0:
+            print(f"{model}: failed\n{completed.stderr[-2000:]}", file=sys.stderr)
+        for row in found:
+            print(f"{model} {row['method']} {row['mode']}: +{row['extra_bytes'] / 2**20:.1f} MiB, {row['step_s']:.2f} s",
+                  file=sys.stderr, flush=True)
+        rows += found
     print(f"\nMachine: {platform.platform()}, CPU x{os.cpu_count()}, torch {torch.__version__}, 1 torch thread; "
           f"N = {args.steps} DDIM steps\n")
     print("| model | method (steps with grad) | checkpointing | peak − before (MiB) | vs full, none | step (s) |")

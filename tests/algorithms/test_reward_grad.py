@@ -148,7 +148,7 @@ def test_draft_full_backpropagates_through_every_call(generators, reward):
     assert calls == 4 and sorted(grads) == [0, 1, 2, 3]
 
 
-@pytest.mark.parametrize("family", ["sd", "sd3"])
+@pytest.mark.parametrize("family", ["sd", "sdxl", "sd3"])
 def test_draft_lv_base_sample_has_no_graph_and_one_call_per_copy_batch_carries_gradient(
         generators, reward, family, monkeypatch):
     gen = generators(family)
