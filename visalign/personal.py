@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .config import configclass, field
 from rewards.personal import (
     MIN_CHOICES,
     PersonalReward,
@@ -44,7 +45,7 @@ from rewards.personal import (
 
 __all__ = [
     "PixelEncoder", "load_encoder", "embed_user", "save_user", "load_user", "interpolate_users",
-    "Personaliser", "ROUTES", "STEER_METHODS", "MIN_CHOICES",
+    "Personaliser", "ROUTES", "STEER_METHODS", "MIN_CHOICES", "TestbedPPDConfig",
 ]
 
 ROUTES = ("steer", "ppd")
@@ -241,3 +242,28 @@ def run_personal_sample(config, generator, prompts: list[str], out: Path, device
             handle.write(json.dumps(record) + "\n")
     return {"images": len(records), "grid": str(grid), "out": str(out), "family": generator.family,
             "route": config.route, "mean_personal_reward": float(scores.mean())}
+
+
+@configclass
+class TestbedPPDConfig:
+    """The testbed's PPD build and efficacy run (``benchmarks/efficacy_personal.py``;
+    ``assets/configs/personal/testbed_ppd.yaml``)."""
+
+    model: str = field("assets/testbed/sd", help="the base model")
+    out: str = field("runs/efficacy_personal", help="report.json goes here")
+    save: str | None = field(None, help="also save the trained user branch here")
+    train_prompts: int = field(24, help="train prompts of the sample pool")
+    per_prompt: int = field(4, help="base samples per train prompt")
+    train_users: int = field(64, help="synthetic training users (random taste weights)")
+    pairs_per_user: int = field(12, help="same-prompt pairs each training user labels")
+    heldout_users: int = field(8, help="random held-out users, besides the 4 named ones")
+    heldout_prompts: int = field(12, help="held-out prompts of the evaluation")
+    steps: int = field(400, help="PPD optimisation steps")
+    batch_size: int = field(16, help="pairs per step")
+    lr: float = field(1e-3, help="AdamW learning rate of the user branch")
+    beta: float = field(5000.0, help="DPO beta (Salesforce meaning)")
+    user_dropout: float = field(0.1, help="user-embedding dropout")
+    num_tokens: int = field(4, help="user tokens")
+    sample_steps: int = field(10, help="sampling steps (pool and evaluation)")
+    cfg: float = field(5.0, help="classifier-free guidance")
+    seed: int = field(0, help="seed of everything")

@@ -1,0 +1,96 @@
+"""What the PPD user branch costs: the UNet forward with and without a user, and one PPD training
+step (user branch only) against one Diffusion-DPO step (LoRA), measured interleaved in one run.
+
+    python benchmarks/bench_ppd.py --model assets/testbed/sd --batch 16 --repeats 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import time
+
+import torch
+
+from visalign.algorithms.dpo import DiffusionDPO, DPOOptions
+from visalign.algorithms.ppd import PPD, PPDOptions, add_user_branch, with_user
+from visalign.models import load_generator
+
+
+def median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        begin = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - begin)
+    return sorted(times)[len(times) // 2]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default="assets/testbed/sd")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--user-dim", type=int, default=48)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    base = load_generator(args.model)
+    ppd_model = copy.deepcopy(base)
+    add_user_branch(ppd_model, args.user_dim)
+    dpo_model = copy.deepcopy(base)
+    dpo_model.add_lora(rank=4)
+    size = base.default_resolution
+    g = torch.Generator().manual_seed(0)
+    prompts = ["a red circle"] * args.batch
+    users = torch.nn.functional.normalize(torch.randn(args.batch, args.user_dim, generator=g), dim=-1)
+    batch = {"prompts": prompts, "winner": torch.rand(args.batch, 3, size, size, generator=g),
+             "loser": torch.rand(args.batch, 3, size, size, generator=g), "user_embeds": users}
+    cond = base.encode_prompt(prompts)
+    x_t = torch.randn(base.latent_shape(args.batch), generator=g)
+    t = torch.full((args.batch,), 500)
+    ppd, dpo = PPD(ppd_model, PPDOptions(user_dropout=0.0)), DiffusionDPO(dpo_model, DPOOptions())
+
+    def forward(model, c):
+        with torch.no_grad():
+            model.predict(x_t, t, c)
+
+    def step(objective):
+        loss, _ = objective.loss(batch, torch.Generator().manual_seed(1))
+        loss.backward()
+
+    cases = {
+        "forward_base": lambda: forward(base, cond),
+        "forward_ppd_no_user": lambda: forward(ppd_model, cond),
+        "forward_ppd_user": lambda: forward(ppd_model, with_user(cond, users)),
+        "step_dpo_lora": lambda: step(dpo),
+        "step_ppd_branch": lambda: step(ppd),
+    }
+    for fn in cases.values():  # warm-up
+        fn()
+    results = {name: 0.0 for name in cases}
+    rounds = 3
+    for _ in range(rounds):  # interleaved, so load changes hit every case alike
+        for name, fn in cases.items():
+            results[name] += median_time(fn, args.repeats) / rounds
+    report = {
+        "seconds": results,
+        "ratios": {
+            "forward_user_over_base": results["forward_ppd_user"] / results["forward_base"],
+            "forward_no_user_over_base": results["forward_ppd_no_user"] / results["forward_base"],
+            "step_ppd_over_dpo_lora": results["step_ppd_branch"] / results["step_dpo_lora"],
+        },
+        "trainable_parameters": {"ppd_branch": sum(p.numel() for p in ppd.trainable_parameters()),
+                                 "dpo_lora_rank4": sum(p.numel() for p in dpo_model.trainable_parameters()),
+                                 "unet": sum(p.numel() for p in base.denoiser.parameters())},
+        "args": vars(args),
+        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
+                    "load_average": os.getloadavg()},
+    }
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
