@@ -184,3 +184,14 @@ def test_the_video_oracle_is_a_registered_reward():
 
     reward = rewards.load("testbed-video-oracle", mode="smoothness")
     assert isinstance(reward, VideoOracleReward) and reward.mode == "smoothness" and reward.modality == "video"
+
+
+def test_docs_example_runs_and_prints_what_it_says(capsys):
+    import re
+    from pathlib import Path
+
+    doc = Path(__file__).resolve().parents[2] / "docs" / "video.md"
+    text = doc.read_text()
+    code, printed = re.findall(r"```(?:python)?\n(.*?)```", text[text.index("### From Python"):], re.S)[:2]
+    exec(compile(code, str(doc), "exec"), {"__name__": "docs_example"})
+    assert capsys.readouterr().out == printed
