@@ -180,3 +180,16 @@ def test_sd3_is_refused_with_a_clear_message():
     generator = SimpleNamespace(family="sd3", denoiser_name="transformer")  # what add_user_branch reads
     with pytest.raises(ValueError, match="steering route"):
         add_user_branch(generator, USER_DIM)
+
+
+def test_sdxl_user_branch_starts_at_base_and_responds_to_users(tiny_model_dir):
+    generator = load_generator(tiny_model_dir("sdxl"))
+    cond = generator.encode_prompt(PROMPTS[:2])
+    base = denoise(generator, cond)
+    add_user_branch(generator, USER_DIM)
+    assert torch.allclose(denoise(generator, with_user(cond, users(2))), base, atol=1e-6)
+    with torch.no_grad():
+        for name, p in generator.denoiser.named_parameters():
+            if "to_v_user" in name:
+                p.normal_(0, 0.5)
+    assert (denoise(generator, with_user(cond, users(2))) - base).abs().max() > 1e-3
