@@ -219,9 +219,10 @@ def load_generator(
     """Load any supported model as a :class:`~visalign.models.Generator`.
 
     ``path``: a diffusers folder, a hub repo id, or an original-layout single ``.safetensors``
-    file. ``family`` (``"sd"``, ``"sdxl"``, ``"sd3"``) is detected when omitted; when given
-    for a folder, a mismatch is an error. ``torch_dtype`` may be a string (``"float16"``,
-    ``"bf16"``, ...).
+    file. ``family`` (``"sd"``, ``"sdxl"``, ``"sd3"``, or the video families ``"modelscope"``,
+    ``"wan"``) is detected when omitted; when given for a folder, a mismatch is an error.
+    ``torch_dtype`` may be a string (``"float16"``, ``"bf16"``, ...). Video families also take
+    ``num_frames``, ``height`` and ``width``: the clip size sampled by default.
     """
     from . import FAMILIES
 
