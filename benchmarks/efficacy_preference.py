@@ -61,7 +61,7 @@ def default_reward() -> str:
     return "testbed-reward" if "testbed-reward" in rewards.available() else "testbed-oracle"
 
 
-def evaluate_seeds(model: str, lora: str | None, args, prompts) -> list[dict]:
+def evaluate_seeds(model: str, lora: str | None, args, prompts, watch: dict) -> list[dict]:
     from visalign.eval import evaluate
     from visalign.models import load_generator
 
@@ -71,9 +71,24 @@ def evaluate_seeds(model: str, lora: str | None, args, prompts) -> list[dict]:
     reports = []
     for seed in range(args.eval_seeds):
         report = evaluate(generator, prompts, images_per_prompt=args.eval_images, num_inference_steps=args.sample_steps,
-                          guidance_scale=args.guidance_scale, seed=100 + seed, keep_images=False)
-        reports.append({"accuracy": report.accuracy, "per_category": report.per_category, "quality": report.quality})
+                          guidance_scale=args.guidance_scale, seed=100 + seed, rewards=watch, keep_images=False)
+        reports.append({"accuracy": report.accuracy, "geneval": report.geneval_score, "per_category": report.per_category,
+                        "quality": report.quality, "rewards": report.rewards})
     return reports
+
+
+def watched_rewards(optimised: str) -> dict:
+    """The optimised reward and the shipped testbed rewards (held-out means are reported for each)."""
+    import rewards
+
+    names = [optimised] + [n for n in ("testbed-reward", "testbed-clip") if n != optimised and n in rewards.available()]
+    watch = {}
+    for name in names:
+        try:
+            watch[name] = rewards.load(name)
+        except FileNotFoundError:  # registered but not shipped
+            pass
+    return watch
 
 
 def train_objective(objective: str, data: Path, args, out: Path) -> Path:
@@ -97,7 +112,10 @@ def summarise(name: str, reports: list[dict], base: list[dict]) -> dict:
     accuracy = [r["accuracy"] for r in reports]
     gains = [r["accuracy"] - b["accuracy"] for r, b in zip(reports, base)]
     stderr = statistics.stdev(gains) / len(gains) ** 0.5 if len(gains) > 1 else float("nan")
+    reward_gain = {k: statistics.mean(r["rewards"][k] - b["rewards"][k] for r, b in zip(reports, base))
+                   for k in reports[0]["rewards"]}
     return {"model": name, "accuracy_mean": statistics.mean(accuracy),
+            "geneval_mean": statistics.mean(r["geneval"] for r in reports), "reward_gain": reward_gain,
             "accuracy_per_seed": accuracy, "gain_mean": statistics.mean(gains), "gain_stderr": stderr,
             "per_category": {k: statistics.mean(r["per_category"][k] for r in reports) for k in reports[0]["per_category"]}}
 
@@ -122,7 +140,8 @@ def main(argv=None):
     timings["data_s"] = time.perf_counter() - start
     prompts = [r.prompt for r in load_prompts("heldout")][: args.eval_prompts]
     mark = time.perf_counter()
-    base = evaluate_seeds(args.model, None, args, prompts)
+    watch = watched_rewards(reward)
+    base = evaluate_seeds(args.model, None, args, prompts, watch)
     timings["eval_base_s"] = time.perf_counter() - mark
     rows = [summarise("base", base, base)]
     for objective in [o for o in args.objectives.split(",") if o]:
@@ -130,7 +149,7 @@ def main(argv=None):
         lora = train_objective(objective, data, args, out)
         timings[f"{objective}_train_s"] = time.perf_counter() - mark
         mark = time.perf_counter()
-        rows.append(summarise(objective, evaluate_seeds(args.model, str(lora), args, prompts), base))
+        rows.append(summarise(objective, evaluate_seeds(args.model, str(lora), args, prompts, watch), base))
         timings[f"{objective}_eval_s"] = time.perf_counter() - mark
     base_spread = statistics.stdev(r["accuracy"] for r in base) if len(base) > 1 else float("nan")
     result = {"args": vars(args), "reward": reward, "data": {k: summary[k] for k in ("prompts", "images", "pairs")},
@@ -140,11 +159,14 @@ def main(argv=None):
           f"held-out: {len(prompts)} prompts x {args.eval_images} images x {args.eval_seeds} seeds; "
           f"base seed-to-seed std {base_spread:.4f}\n")
     categories = list(rows[0]["per_category"])
-    print("| model | held-out accuracy | gain over base (± s.e.) | " + " | ".join(categories) + " |")
-    print("|---|---|---|" + "---|" * len(categories))
+    watched = list(rows[0]["reward_gain"])
+    print("| model | held-out accuracy | gain over base (± s.e.) | GenEval score | "
+          + " | ".join(f"{w} gain" for w in watched) + " | " + " | ".join(categories) + " |")
+    print("|---|---|---|---|" + "---|" * (len(watched) + len(categories)))
     for row in rows:
         gain = "—" if row["model"] == "base" else f"{row['gain_mean']:+.3f} ± {row['gain_stderr']:.3f}"
-        print(f"| {row['model']} | {row['accuracy_mean']:.3f} | {gain} | "
+        print(f"| {row['model']} | {row['accuracy_mean']:.3f} | {gain} | {row['geneval_mean']:.3f} | "
+              + " | ".join(f"{row['reward_gain'][w]:+.4f}" for w in watched) + " | "
               + " | ".join(f"{row['per_category'][c]:.2f}" for c in categories) + " |")
     print(f"\ntimings: {json.dumps({k: round(v) for k, v in timings.items()})}", file=sys.stderr)
 
