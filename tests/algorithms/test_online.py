@@ -315,8 +315,8 @@ def test_ddpo_and_grpo_advantages_on_a_rollout(tiny_model_dir, prompt_file):
     assert metrics["kl"] == pytest.approx(0.0, abs=1e-10) and metrics["clipfrac"] == 0
     ddpo = _objective_on_rollout(DDPO, DDPOOptions(**common, timestep_fraction=0.5, pareto=True), generator,
                                  rewards.load("test-brightness"))
-    # one reward: the Pareto front of each group is its best sample; 2 of 3 steps each
-    assert ddpo.rollout.selected.sum().item() == 2 and ddpo.items.shape == (2 * 2, 2)
+    # one reward: the Pareto front of each group is its best sample; int(3 x 0.5) = 1 step each
+    assert ddpo.rollout.selected.sum().item() == 2 and ddpo.items.shape == (2 * 1, 2)
     assert set(ddpo.items[:, 0].tolist()) == set(ddpo.rollout.selected.nonzero().flatten().tolist())
 
 

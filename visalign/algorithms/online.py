@@ -23,6 +23,7 @@ group statistics (:func:`group_advantages`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import random
 from collections import deque
@@ -344,6 +345,9 @@ class OnlineObjective(Objective):
         self.batch_size = trainer.config.batch_size
         self.seed = trainer.config.seed
         self.rank = trainer.accelerator.process_index
+        # Sample under the same autocast as the loss re-evaluates in (mixed precision), so that
+        # ratios start at 1 (ddpo-pytorch samples under autocast too).
+        self.autocast = getattr(trainer.accelerator, "autocast", contextlib.nullcontext)
         reward = self._reward_override
         if reward is None:
             reward = RewardMix.load(self.options.rewards, self.options.reward_options, device=trainer.device)
@@ -369,9 +373,11 @@ class OnlineObjective(Objective):
     def refresh(self, step: int) -> None:
         o = self.options
         seed = ((self.seed * 1_000_003 + step) * 8_191 + self.rank) % (2**62)
-        rollout, images = collect_rollout(
-            self.generator, self.choose_prompts(step), o.group_size, num_inference_steps=o.num_inference_steps,
-            guidance_scale=o.guidance_scale, eta=o.eta, seed=seed, chunk_size=o.sample_chunk, resolution=o.resolution)
+        with self.autocast():
+            rollout, images = collect_rollout(
+                self.generator, self.choose_prompts(step), o.group_size, num_inference_steps=o.num_inference_steps,
+                guidance_scale=o.guidance_scale, eta=o.eta, seed=seed, chunk_size=o.sample_chunk,
+                resolution=o.resolution)
         rollout.rewards, rollout.components = self.reward(images, rollout.prompts)
         rollout.selected = (group_pareto_mask(rollout.components, o.group_size) if o.pareto
                             else torch.ones(len(rollout), dtype=torch.bool))
