@@ -161,13 +161,6 @@ def main(argv=None):
         rows.append((label, rankings, result))
         print(f"{label}: " + ", ".join(f"{k} {v[0] * 1e3:.1f} ms" for k, v in result.items()), file=sys.stderr)
 
-    from visalign.models import load_generator
-
-    testbed = Path(__file__).resolve().parent.parent / "assets" / "testbed" / "sd"
-    generator = load_generator(testbed, device=args.device)
-    runs, images = synth_variants(args, generator)
-    synth = measure(runs, args.synth_repeats)
-
     print(f"\nMachine: {machine()}\n")
     print(f"(a) RankDPO step, k = {args.k}, LoRA rank 4, cached latents\n")
     print("| model | rankings (images) | ours (ms) | bare (ms) | ours, reference chunked by k (ms) | "
@@ -177,6 +170,14 @@ def main(argv=None):
         print(f"| {label} | {rankings} ({rankings * args.k}) | {r['ours'][0] * 1e3:.1f} | {r['bare'][0] * 1e3:.1f} | "
               f"{r['ours_chunked'][0] * 1e3:.1f} | {r['ours'][0] / r['bare'][0]:.3f} | {r['ours'][1] / r['bare'][1]:.3f} | "
               f"{r['ours_chunked'][1] / r['bare'][1]:.3f} |")
+    sys.stdout.flush()
+
+    from visalign.models import load_generator
+
+    testbed = Path(__file__).resolve().parent.parent / "assets" / "testbed" / "sd"
+    generator = load_generator(testbed, device=args.device)
+    runs, images = synth_variants(args, generator)
+    synth = measure(runs, args.synth_repeats)
     print(f"\n(b) synth on the SD testbed model: {images} images ({args.synth_prompts} prompts x 4), "
           f"{args.synth_steps} steps, batch 16, rewards: oracle correctness + oracle quality\n")
     print("| variant | wall (s) | CPU (s) | images/s (wall) | images/s (CPU) |")

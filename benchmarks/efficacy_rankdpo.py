@@ -59,7 +59,10 @@ def parse_args(argv=None):
     parser.add_argument("--eval-seeds", type=int, default=2)
     parser.add_argument("--eval-images", type=int, default=2, help="held-out images per prompt per seed")
     parser.add_argument("--eval-prompts", type=int, default=None)
-    parser.add_argument("--sample-steps", type=int, default=20)
+    parser.add_argument("--sample-steps", type=int, default=20, help="sampling steps of the data")
+    parser.add_argument("--eval-steps", type=int, default=None, help="sampling steps of the evaluation (default: --sample-steps)")
+    parser.add_argument("--jobs", type=int, default=1, help="run base evaluation and each objective in parallel processes")
+    parser.add_argument("--skip-synth", action="store_true", help="use the parts already in --data (no generation)")
     parser.add_argument("--guidance-scale", type=float, default=4.0)
     parser.add_argument("--out", default="runs/efficacy-rankdpo")
     parser.add_argument("--data", default=None, help="synth folder to reuse or resume (default: <out>/data)")
@@ -99,6 +102,27 @@ def train_objective(objective: str, data: Path, args, out: Path) -> Path:
     return train(config).final_weights
 
 
+def run_task(task: str, data: str, args) -> tuple[dict, dict]:
+    """``"base"``: evaluate the base model; an objective: train it, then evaluate. Returns
+    (reports per seed, timings)."""
+    import copy
+
+    from visalign.testbed.prompts import load_prompts
+
+    prompts = [r.prompt for r in load_prompts("heldout")][: args.eval_prompts]
+    eval_args = copy.copy(args)
+    eval_args.sample_steps = args.eval_steps or args.sample_steps
+    timings, lora = {}, None
+    if task != "base":
+        mark = time.perf_counter()
+        lora = str(train_objective(task, Path(data), args, Path(args.out)))
+        timings[f"{task}_train_s"] = time.perf_counter() - mark
+    mark = time.perf_counter()
+    reports = evaluate_seeds(args.model, lora, eval_args, prompts, {})  # no extra reward means: cheaper
+    timings[f"{task}_eval_s"] = time.perf_counter() - mark
+    return reports, timings
+
+
 def main(argv=None):
     args = parse_args(argv)
     from visalign.data import load_records
@@ -111,10 +135,17 @@ def main(argv=None):
     timings = {}
     mark = time.perf_counter()
     reward_specs = args.rewards.split(",") if args.rewards else default_rewards()
-    summary = build_synth(SynthConfig(
-        generators=args.generators.split(","), rewards=reward_specs, prompts="testbed:train",
-        max_prompts=args.max_prompts, images_per_generator=args.images_per_generator, steps=args.sample_steps,
-        guidance_scale=args.guidance_scale, out=str(data)))
+    if args.skip_synth:
+        from visalign.synth import dataset_summary
+
+        summary = dataset_summary(data)
+        summary["this_run"] = {"images_per_s": None}
+        reward_specs = summary["reward_names"]
+    else:
+        summary = build_synth(SynthConfig(
+            generators=args.generators.split(","), rewards=reward_specs, prompts="testbed:train",
+            max_prompts=args.max_prompts, images_per_generator=args.images_per_generator, steps=args.sample_steps,
+            guidance_scale=args.guidance_scale, out=str(data)))
     timings["data_s"] = time.perf_counter() - mark
     rankings = load_records("parquet", data, drop_flat=True)
     pairs = load_records("parquet", data, drop_flat=True, as_pairs=True)
@@ -125,17 +156,19 @@ def main(argv=None):
     print(f"data: {json.dumps(data_figures)}", file=sys.stderr)
 
     prompts = [r.prompt for r in load_prompts("heldout")][: args.eval_prompts]
-    mark = time.perf_counter()
-    base = evaluate_seeds(args.model, None, args, prompts)
-    timings["eval_base_s"] = time.perf_counter() - mark
-    rows = [summarise("base", base, base)]
-    for objective in [o for o in args.objectives.split(",") if o]:
-        mark = time.perf_counter()
-        lora = train_objective(objective, data, args, out)
-        timings[f"{objective}_train_s"] = time.perf_counter() - mark
-        mark = time.perf_counter()
-        rows.append(summarise(objective, evaluate_seeds(args.model, str(lora), args, prompts), base))
-        timings[f"{objective}_eval_s"] = time.perf_counter() - mark
+    tasks = ["base"] + [o for o in args.objectives.split(",") if o]
+    if args.jobs > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            results = dict(zip(tasks, pool.map(run_task, tasks, [str(data)] * len(tasks), [args] * len(tasks))))
+    else:
+        results = {task: run_task(task, str(data), args) for task in tasks}
+    for _, task_timings in results.values():
+        timings.update(task_timings)
+    base = results["base"][0]
+    rows = [summarise(task, results[task][0], base) for task in tasks]
     base_spread = statistics.stdev(r["accuracy"] for r in base) if len(base) > 1 else float("nan")
     result = {"args": vars(args), "rewards": reward_specs, "data": data_figures, "base_seed_std": base_spread,
               "rows": rows, "timings_s": timings}
@@ -143,7 +176,7 @@ def main(argv=None):
     print(f"\nmodel {args.model}; data: {summary['images']} images of {summary['prompts']} train prompts "
           f"(k = {summary['images'] // max(summary['prompts'], 1)}), rewards {reward_specs}; {len(rankings)} rankings with "
           f"a preference, {len(pairs)} pairs from them; held-out: {len(prompts)} prompts x {args.eval_images} images x "
-          f"{args.eval_seeds} seeds; base seed-to-seed std {base_spread:.4f}\n")
+          f"{args.eval_seeds} seeds, {args.eval_steps or args.sample_steps} steps; base seed-to-seed std {base_spread:.4f}\n")
     categories = list(rows[0]["per_category"])
     print("| model | held-out accuracy (per seed) | gain over base (± s.e.) | " + " | ".join(categories) + " |")
     print("|---|---|---|" + "---|" * len(categories))
