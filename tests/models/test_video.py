@@ -288,3 +288,18 @@ def test_visalign_sample_writes_clips_and_a_frame_grid(tiny_model_dir, tmp_path,
     gif = Image.open(out / records[1]["file"].replace(".mp4", ".gif"))
     assert gif.n_frames == frames and gif.size == (32, 32)
     assert (out / "grid.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_shared_training_losses_take_video_latents_unchanged(generators, family):
+    from visalign.algorithms.common import denoising_loss, paired_noising
+
+    gen = generators[family]
+    videos = torch.rand(2, FRAMES[family], 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        latents = gen.encode(videos, generator=torch.Generator().manual_seed(1))
+        cond = gen.encode_prompt(PROMPTS)
+        loss = denoising_loss(gen, latents, cond, rng=torch.Generator().manual_seed(2))
+    assert loss.shape == (2,) and torch.isfinite(loss).all()
+    x_t, noise, t, target = paired_noising(gen, latents, group_size=2, rng=torch.Generator().manual_seed(3))
+    assert torch.equal(noise[0], noise[1]) and torch.equal(t[0], t[1]) and x_t.shape == latents.shape
