@@ -170,8 +170,8 @@ ONLINE = {
     "sd3_grpo.yaml": ("stabilityai/stable-diffusion-3-medium-diffusers", "grpo", {
         "num_inference_steps": 10, "guidance_scale": 4.5, "eta": 0.7, "group_size": 24, "clip_range": 1e-4,
         "timestep_fraction": 0.99, "rewards": {"pickscore": 1.0}}),
-    "testbed_prdp.yaml": ("assets/testbed/sd", "prdp", {"rewards": {"testbed-oracle": 1.0}}),
-    "testbed_ddpo.yaml": ("assets/testbed/sd", "ddpo", {"rewards": {"testbed-oracle": 1.0}}),
+    "testbed_prdp.yaml": ("assets/testbed/sd", "prdp", {"rewards": {"testbed-reward": 1.0}}),
+    "testbed_ddpo.yaml": ("assets/testbed/sd", "ddpo", {"rewards": {"testbed-reward": 1.0}}),
 }
 
 
