@@ -294,7 +294,7 @@ def test_prdp_gradient_flows_to_the_lora_for_unequal_rewards_and_not_to_the_froz
         loss.backward()
         for h in hooks:
             h.remove()
-        assert loss.item() > 0 and sum(seen) > 0 and metrics["target_abs"] > 0
+        assert loss.item() > 0 and sum(seen) > 0 and metrics["target_abs"] > 0 and metrics["pairs"] == 6
         assert metrics["kl"] == pytest.approx(0.0, abs=1e-12)  # LoRA starts at zero: policy = pretrained
         assert all(p.grad is None for p in frozen)
         generator.denoiser.zero_grad(set_to_none=True)

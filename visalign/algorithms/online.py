@@ -382,14 +382,14 @@ class OnlineObjective(Objective):
         rollout.selected = (group_pareto_mask(rollout.components, o.group_size) if o.pareto
                             else torch.ones(len(rollout), dtype=torch.bool))
         self.rollout = rollout
-        generator = torch.Generator().manual_seed(seed)
-        self.items = self.prepare(rollout, generator)
-        self.cursor = 0
-        self.refreshes += 1
         self.last = {"reward_mean": float(rollout.rewards.mean()), "reward_std": float(rollout.rewards.std()),
                      **{f"reward/{n}": float(c.mean()) for n, c in zip(self.reward.names, rollout.components.T)}}
         if o.pareto:
             self.last["pareto_share"] = float(rollout.selected.float().mean())
+        generator = torch.Generator().manual_seed(seed)
+        self.items = self.prepare(rollout, generator)  # may add metrics to self.last
+        self.cursor = 0
+        self.refreshes += 1
 
     def trained_steps(self, count: int, generator: torch.Generator) -> Tensor:
         """``[count, n]``: for each of ``count`` rows, a random subset of ``n = int(N * fraction)``
