@@ -209,8 +209,8 @@ def test_k_images_share_noise_and_timestep_policy_runs_once_reference_in_chunks(
     batch = ranking_batch(generator, prompts=2, k=4)
     batch["mask"][1, 3] = False  # a ragged ranking: 7 real images
     try:
-        loss, metrics = RankDPO(generator, RankDPOOptions(reference_chunk_size=3)).loss(batch, rng())
-        whole, _ = RankDPO(generator, RankDPOOptions()).loss(batch, rng())
+        loss, metrics = RankDPO(generator, RankDPOOptions(beta=100.0, reference_chunk_size=3)).loss(batch, rng())
+        whole, _ = RankDPO(generator, RankDPOOptions(beta=100.0)).loss(batch, rng())
     finally:
         pre.remove()
     noise, t = seen[0]
@@ -220,7 +220,8 @@ def test_k_images_share_noise_and_timestep_policy_runs_once_reference_in_chunks(
     assert not torch.equal(noise[0], noise[4])
     assert sizes[:4] == [7, 3, 3, 1]  # policy once on the 7 real images; reference in chunks of 3
     assert sizes[4:] == [7, 7]
-    torch.testing.assert_close(loss, whole)
+    # Convolution kernels may round differently at another batch size: equal up to float rounding.
+    torch.testing.assert_close(loss, whole, rtol=1e-4, atol=1e-6)
     assert metrics["pairs_per_prompt"] == pytest.approx((6 + 3) / 2)
 
 
