@@ -303,3 +303,9 @@ def test_the_shared_training_losses_take_video_latents_unchanged(generators, fam
     assert loss.shape == (2,) and torch.isfinite(loss).all()
     x_t, noise, t, target = paired_noising(gen, latents, group_size=2, rng=torch.Generator().manual_seed(3))
     assert torch.equal(noise[0], noise[1]) and torch.equal(t[0], t[1]) and x_t.shape == latents.shape
+
+
+def test_wan_gradient_checkpointing_leaves_its_vae_alone(tiny_model_dir):
+    gen = load_generator(tiny_model_dir("wan"), num_frames=5, height=32, width=32)
+    gen.enable_gradient_checkpointing()  # AutoencoderKLWan has none: no error, the DiT's blocks only
+    assert gen.denoiser.gradient_checkpointing and not getattr(gen.vae, "gradient_checkpointing", False)

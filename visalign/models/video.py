@@ -260,6 +260,11 @@ class WanGenerator(VideoGenerator, FlowGenerator):
         # WanPipeline.__call__ pads/truncates prompts to 512 T5 tokens (Wan 2.1's text length).
         self.max_sequence_length = 512
 
+    def enable_gradient_checkpointing(self, denoiser: bool = True, vae: bool = True) -> None:
+        """The transformer's blocks; diffusers' ``AutoencoderKLWan`` has no gradient checkpointing,
+        so ``vae=True`` leaves it as it is (chunk the decode instead)."""
+        super().enable_gradient_checkpointing(denoiser=denoiser, vae=vae and self.vae._supports_gradient_checkpointing)
+
     @property
     def vae_scale_factor(self) -> int:
         return int(self.vae.config.scale_factor_spatial)
