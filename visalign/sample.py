@@ -18,7 +18,7 @@ class SampleConfig:
     model: str = field(help="diffusers folder, hub repo id, or single .safetensors file")
     prompts: list[str] = field(default_factory=list, help="prompts (prompts='a red circle' or '[a, b]')")
     prompt_file: str | None = field(None, help="text file with one prompt per line (added to prompts)")
-    family: str | None = field(None, help="sd, sdxl or sd3; detected when omitted")
+    family: str | None = field(None, help="sd, sdxl, sd3, modelscope or wan; detected when omitted")
     lora: str | None = field(None, help="LoRA weights (diffusers format) to load on top of the model")
     num_images_per_prompt: int = field(4, help="images per prompt (one grid row each)")
     steps: int = field(20, help="sampling steps")
