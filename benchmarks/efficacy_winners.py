@@ -94,10 +94,15 @@ def train_objective(objective: str, winners: Path, args, out: Path, seed: int) -
 
 
 def _train_and_evaluate(objective: str, seed: int, winners: Path, args, out: Path, prompts) -> dict:
-    start, start_cpu = time.perf_counter(), time.process_time()
-    lora, logged = train_objective(objective, winners, args, out, seed)
-    train_s, train_cpu_s = time.perf_counter() - start, time.process_time() - start_cpu
-    return {"reports": evaluate_seeds(args.model, str(lora), args, prompts), "train_s": train_s,
+    run = out / f"{objective}-seed{seed}"
+    if (run / "lora" / "pytorch_lora_weights.safetensors").is_file():  # trained by an earlier, interrupted call
+        logged = [json.loads(line) for line in (run / "logs" / "metrics.jsonl").read_text().splitlines()]
+        lora, logged, train_s, train_cpu_s = run / "lora", {"first": logged[0], "last": logged[-1]}, None, None
+    else:
+        start, start_cpu = time.perf_counter(), time.process_time()
+        lora, logged = train_objective(objective, winners, args, out, seed)
+        train_s, train_cpu_s = time.perf_counter() - start, time.process_time() - start_cpu
+    return {"reports": evaluate_seeds(args.model, str(lora), args, prompts, {}), "train_s": train_s,
             "train_cpu_s": train_cpu_s, "logged": logged}
 
 
@@ -131,7 +136,7 @@ def main(argv=None):
                 cached(f"{objective}-seed{seed}", lambda o=objective, s=seed: _train_and_evaluate(o, s, winners, args,
                                                                                                   out, prompts))
         return
-    base = cached("base", lambda: {"reports": evaluate_seeds(args.model, None, args, prompts)})["reports"]
+    base = cached("base", lambda: {"reports": evaluate_seeds(args.model, None, args, prompts, {})})["reports"]
     rows = [summarise("base", base, base)]
     for objective in objectives:
         for seed in range(args.train_seeds):
