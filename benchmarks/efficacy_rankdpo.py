@@ -56,7 +56,7 @@ def parse_args(argv=None):
     parser.add_argument("--beta", type=float, default=5000.0, help="Salesforce beta, both objectives")
     parser.add_argument("--normalize", default="none", help="RankDPO weight normalisation: none or weights")
     parser.add_argument("--train-seed", type=int, default=0)
-    parser.add_argument("--eval-seeds", type=int, default=2)
+    parser.add_argument("--eval-seeds", type=int, default=3)
     parser.add_argument("--eval-images", type=int, default=2, help="held-out images per prompt per seed")
     parser.add_argument("--eval-prompts", type=int, default=None)
     parser.add_argument("--sample-steps", type=int, default=20, help="sampling steps of the data")
