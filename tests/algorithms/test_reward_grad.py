@@ -224,7 +224,7 @@ def test_refl_gradient_comes_from_exactly_one_call_and_scores_the_closed_form_x0
         with_kwargs=True)
     calls, grads, metrics = run_traced(obj)
     handle.remove()
-    step = int(metrics["step"])
+    step = int(metrics["refl_step"])
     assert 4 <= step <= 6
     assert calls == step + 1 and sorted(grads) == [step]  # the chain stops at step m
     t = gen.sampling_timesteps(8)[0][step]

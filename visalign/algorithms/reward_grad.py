@@ -387,7 +387,7 @@ class ReFL(RewardGradient):
         except _StopSampling:
             pass
         loss, metrics = self.score_loss(gen.decode(captured["x0"]), prompts)
-        metrics["step"] = float(step)
+        metrics["refl_step"] = float(step)
         if o.pretrain_weight > 0:
             if batch is None:
                 raise ConfigError("refl with pretrain_weight > 0 needs captioned images: set data.path")
