@@ -137,6 +137,9 @@ def main(argv=None):
                                                                                                   out, prompts))
         return
     base = cached("base", lambda: {"reports": evaluate_seeds(args.model, None, args, prompts, {})})["reports"]
+    for report in base:  # a base result written before evaluate_seeds reported rewards and GenEval
+        report.setdefault("rewards", {})
+        report.setdefault("geneval", float("nan"))
     rows = [summarise("base", base, base)]
     for objective in objectives:
         for seed in range(args.train_seeds):
