@@ -31,9 +31,9 @@ def _watch_rewards(optimised: str) -> dict:
 class QuickstartConfig:
     model: str = field(str(ASSETS / "sd"), help="the model to align")
     reward: str = field(default_factory=_default_reward, help="reward to optimise (default: the shipped learned reward if any, else the testbed oracle)")
-    min_reward: float | None = field(
-        None, help="keep a prompt's best sample only if its reward is at least this (default: 0.5 with the "
-        "testbed oracle, which keeps its correct images; none with other rewards, whose scale differs)")
+    min_reward: float | str | None = field(
+        "auto", help="keep a prompt's best sample only if its reward is at least this; null keeps every "
+        "prompt's best; auto: 0.5 with the testbed oracle (its correct images), null with other rewards")
     steps: int = field(60, help="optimisation steps")
     lr: float = field(5e-4, help="LoRA learning rate")
     lora_rank: int = field(8, help="LoRA rank")
@@ -51,8 +51,10 @@ def run_quickstart(config: QuickstartConfig) -> Path:
 
     out = Path(config.out)
     min_reward = config.min_reward
-    if min_reward is None and config.reward == "testbed-oracle":
-        min_reward = 0.5
+    if isinstance(min_reward, str):
+        if min_reward != "auto":
+            raise ValueError(f"min_reward must be a number, null or 'auto', got {min_reward!r}")
+        min_reward = 0.5 if config.reward == "testbed-oracle" else None
     train_config = load_config(TrainConfig, data={
         "model": {"path": config.model, "lora": {"rank": config.lora_rank}},
         "objective": "raft",
