@@ -76,6 +76,23 @@ class DPOOptions:
                                             "(Salesforce: 0.2 for SD1.5/SDXL)")
 
 
+def pair_metrics(loss: torch.Tensor, z: torch.Tensor, policy: torch.Tensor,
+                 reference: torch.Tensor | None = None) -> dict[str, float]:
+    """The metrics every pairwise objective logs: loss, implicit accuracy, mean margin ``z`` and
+    the per-member MSEs of ``policy`` (and ``reference``), both ``[pairs, 2]`` (winner, loser)."""
+    metrics = {
+        "loss": loss.detach().item(),
+        "implicit_accuracy": implicit_accuracy(z.detach()).item(),
+        "margin": z.detach().mean().item(),
+        "mse_winner": policy[:, 0].detach().mean().item(),
+        "mse_loser": policy[:, 1].detach().mean().item(),
+    }
+    if reference is not None:
+        metrics["ref_mse_winner"] = reference[:, 0].detach().mean().item()
+        metrics["ref_mse_loser"] = reference[:, 1].detach().mean().item()
+    return metrics
+
+
 @register_objective("dpo")
 class DiffusionDPO(Objective):
     """Diffusion-DPO / Flow-DPO on pairwise preferences; reference = ``Generator.reference()``."""
@@ -123,13 +140,4 @@ class DiffusionDPO(Objective):
         loss = per_pair.mean()
         if self.options.sft_weight:
             loss = loss + self.options.sft_weight * policy[:, 0].mean()
-        metrics = {
-            "loss": loss.detach().item(),
-            "implicit_accuracy": implicit_accuracy(z.detach()).item(),
-            "margin": z.detach().mean().item(),
-            "mse_winner": policy[:, 0].detach().mean().item(),
-            "mse_loser": policy[:, 1].detach().mean().item(),
-            "ref_mse_winner": reference[:, 0].mean().item(),
-            "ref_mse_loser": reference[:, 1].mean().item(),
-        }
-        return loss, metrics
+        return loss, pair_metrics(loss, z, policy, reference)

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from ..config import ConfigError, configclass, field
 from ..training.objective import Objective, register_objective
 from .common import batch_latents, paired_noising, per_sample_mse, prompt_cond
-from .dpo import dpo_logits, dpo_loss_from_logits, implicit_accuracy
+from .dpo import dpo_logits, dpo_loss_from_logits, pair_metrics
 
 USER_PROJECTION = "user_projection"
 ADAPTER_FORMAT = "visalign-ppd-user-branch"
@@ -353,14 +353,7 @@ class PPD(Objective):
         reference = per_sample_mse(_reference_output(gen, x_t, t, cond.repeat_interleave(2)), target).view(pairs, 2)
         per_pair, z = ppd_loss(policy[:, 0], policy[:, 1], reference[:, 0], reference[:, 1], self.options.beta)
         loss = per_pair.mean()
-        metrics = {
-            "loss": loss.detach().item(),
-            "implicit_accuracy": implicit_accuracy(z.detach()).item(),
-            "margin": z.detach().mean().item(),
-            "mse_winner": policy[:, 0].detach().mean().item(),
-            "mse_loser": policy[:, 1].detach().mean().item(),
-        }
-        return loss, metrics
+        return loss, pair_metrics(loss, z, policy)
 
 
 def _reference_output(generator, x_t: Tensor, t: Tensor, cond) -> Tensor:
