@@ -106,3 +106,42 @@ def test_quickstart_runs_end_to_end(quick_build, tmp_path):
     assert result.exit_code == 0, result.output
     report = (tmp_path / "quick" / "report.md").read_text()
     assert "| base |" in report and "| raft |" in report
+
+
+def test_a_continued_build_trains_on_from_the_previous_models_and_keeps_its_record(quick_build):
+    import safetensors.torch
+
+    out, first = quick_build
+    before = json.loads((out / "assets" / "build.json").read_text())
+    weights = out / "assets" / "sd" / "unet" / "diffusion_pytorch_model.safetensors"
+    old = safetensors.torch.load_file(weights)
+    config = BuildConfig(quick=True, families=["sd"], init_from=str(out / "assets"), out=str(out / "assets"),
+                         work_dir=str(out / "work"), reward_family=None)
+    summary = build(config)
+    record = json.loads((out / "assets" / "build.json").read_text())
+    assert record == summary
+    assert record["models"]["sd"]["built_with"]["init_from"] == str(out / "assets")
+    assert record["models"]["sd3"] == before["models"]["sd3"] and record["rewards"] == before["rewards"]
+    assert [run["config"]["init_from"] for run in record["builds"]] == [None, str(out / "assets")]
+    assert record["timings"] == summary["timings"] and "vae_s" not in record["timings"]  # the previous VAE is kept
+    new = safetensors.torch.load_file(weights)
+    # Continued from the previous weights: moved by four small steps, not re-initialised.
+    drift = max((new[k].float() - old[k].float()).abs().max().item() for k in old)
+    fresh = _fresh_unet_distance(out, old)
+    assert 0 < drift < fresh
+
+
+def _fresh_unet_distance(out, old):
+    """How far a freshly initialised testbed UNet is from ``old`` (the scale a restart would move)."""
+    from visalign.models.tiny import build_tiny_components
+
+    unet = build_tiny_components("sd", seed=1, size="testbed")["unet"]
+    state = unet.state_dict()
+    return max((state[k].float() - old[k].float()).abs().max().item() for k in old)
+
+
+def test_continuing_from_a_folder_without_models_is_a_clear_error(tmp_path):
+    config = BuildConfig(quick=True, families=["sd"], init_from=str(tmp_path / "nothing"), out=str(tmp_path / "out"),
+                         work_dir=str(tmp_path / "work"), reward_family=None)
+    with pytest.raises(FileNotFoundError, match="init_from"):
+        build(config)

@@ -15,6 +15,11 @@ Phases (each a run of :class:`visalign.training.Trainer`):
 4. Save each model as a diffusers folder in fp16 (``from_pretrained`` reads it back in any
    dtype), measure held-out oracle accuracy, and write ``build.json``.
 5. Build the learned rewards on the ``reward_family`` model (:mod:`.reward_build`).
+
+``init_from`` continues a previous build instead (more denoiser steps on the same rendered data,
+a fresh cosine schedule, the previous VAE kept); ``build.json`` in ``out`` is then updated, not
+replaced: the families trained now get new figures, the others and the rewards keep theirs, and
+``builds`` lists every run that made the shipped models.
 """
 
 from __future__ import annotations
@@ -60,6 +65,9 @@ class BuildConfig:
     rewards: list[str] = field(default_factory=lambda: ["hpsv2", "clip"],
                                help="learned rewards to build (visalign.testbed.reward_build kinds)")
     reward_steps: int | None = field(None, help="learned rewards: training steps (default: RewardBuildOptions)")
+    init_from: str | None = field(None, help="continue pretraining from a previous build (a folder holding <family>/ "
+                                             "model folders, e.g. assets/testbed) instead of from scratch; its VAE is "
+                                             "reused and the VAE phase skipped")
 
 
 def quick_overrides(config: BuildConfig) -> BuildConfig:
@@ -171,11 +179,25 @@ def pretrain(config: BuildConfig, family: str, vae_dir: Path, data: Path, work: 
     pipe.register_modules(vae=vae)
     initial = work / f"{family}-init"
     pipe.save_pretrained(initial, safe_serialization=True)
+    return _sft(config, initial, data, work / f"{family}-run")
+
+
+def _sft(config: BuildConfig, initial: Path, data: Path, out: Path) -> Path:
     # No flips: a mirrored image turns "left of" into "right of" and would corrupt position captions.
-    return _train(initial, "sft", data, work / f"{family}-run", config.denoiser_steps, config.batch_size, config.lr,
-                  config.seed, {"prompt_dropout": 0.1},
+    return _train(initial, "sft", data, out, config.denoiser_steps, config.batch_size, config.lr, config.seed,
+                  {"prompt_dropout": 0.1},
                   ["ema.enabled=true", "ema.decay=0.999", f"model.train_text_encoder={str(config.train_text_encoder).lower()}"],
                   random_flip=False)
+
+
+def continue_from(config: BuildConfig, family: str, previous: Path, data: Path, work: Path) -> Path:
+    """Continue pretraining ``previous`` (a shipped, possibly fp16, model folder) for
+    ``config.denoiser_steps`` more steps; returns the trained model folder."""
+    from ..models import load_generator
+
+    initial = work / f"{family}-continue-init"
+    load_generator(previous, torch_dtype=torch.float32).pipe.save_pretrained(initial, safe_serialization=True)
+    return _sft(config, initial, data, work / f"{family}-continue-run")
 
 
 def ship(trained: Path, destination: Path) -> Path:
@@ -200,21 +222,33 @@ def build(config: BuildConfig) -> dict:
         config = quick_overrides(config)
     start = time.perf_counter()
     out, work = Path(config.out), Path(config.work_dir)
+    previous = Path(config.init_from) if config.init_from else None
+    for family in config.families if previous is not None else ():
+        if not (previous / family / "model_index.json").exists():
+            raise FileNotFoundError(f"init_from: {previous / family} is not a diffusers model folder (no "
+                                    f"model_index.json); init_from takes a folder holding one per family")
     work.mkdir(parents=True, exist_ok=True)
     timings = {}
     data = render_dataset(work / "data", config.num_images, config.caption_noise, config.seed)
     timings["render_s"] = time.perf_counter() - start
-    mark = time.perf_counter()
-    vae_dir = train_vae(config, data, work)
-    timings["vae_s"] = time.perf_counter() - mark
+    if previous is None:
+        mark = time.perf_counter()
+        vae_dir = train_vae(config, data, work)
+        timings["vae_s"] = time.perf_counter() - mark
     summary: dict = {"config": {k: v for k, v in vars(config).items()}, "models": {}}
     for family in config.families:
         mark = time.perf_counter()
-        trained = pretrain(config, family, vae_dir, data, work)
+        if previous is None:
+            trained = pretrain(config, family, vae_dir, data, work)
+        else:
+            trained = continue_from(config, family, previous / family, data, work)
         timings[f"{family}_s"] = time.perf_counter() - mark
         shipped = ship(trained, out / family)
         mark = time.perf_counter()
         summary["models"][family] = evaluate_base(config, shipped)
+        summary["models"][family]["built_with"] = {
+            "denoiser_steps": config.denoiser_steps, "batch_size": config.batch_size, "lr": config.lr,
+            "train_text_encoder": config.train_text_encoder, "init_from": config.init_from}
         timings[f"{family}_eval_s"] = time.perf_counter() - mark
     if config.reward_family and config.rewards:
         mark = time.perf_counter()
@@ -224,8 +258,27 @@ def build(config: BuildConfig) -> dict:
     summary["timings"] = timings
     summary["machine"] = _machine()
     out.mkdir(parents=True, exist_ok=True)
-    (out / "build.json").write_text(json.dumps(summary, indent=2))
+    record = out / "build.json"
+    if previous is not None and record.exists():
+        summary = _merge(json.loads(record.read_text()), summary)
+    record.write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _merge(existing: dict, run: dict) -> dict:
+    """``build.json`` after a continuation run: its families' figures replace the old ones, and the
+    run is appended to ``builds`` (the runs that, in order, made the shipped models)."""
+    merged = dict(existing)
+    merged["models"] = {**existing.get("models", {}), **run["models"]}
+    if "rewards" in run:
+        merged["rewards"] = run["rewards"]
+    builds = list(existing.get("builds", [{key: existing[key] for key in ("config", "timings_s", "machine")
+                                           if key in existing}]))
+    builds.append({key: run[key] for key in ("config", "timings", "machine")})
+    merged["builds"] = builds
+    merged.pop("timings_s", None)  # the first run's timings, now in builds[0]
+    merged.update(config=run["config"], timings=run["timings"], machine=run["machine"])  # the latest run
+    return merged
 
 
 def evaluate_base(config: BuildConfig, model: Path) -> dict:
