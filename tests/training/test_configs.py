@@ -12,7 +12,7 @@ import pytest
 from builders import write_captions
 
 from visalign.config import load_config
-from visalign.personal import TestbedPPDConfig
+from visalign.personal import TestbedPPDConfig as PersonalConfig  # not named Test*: pytest would collect it
 from visalign.training import TrainConfig, build_objective, list_checkpoints, train
 
 CONFIGS = Path(__file__).resolve().parents[2] / "assets" / "configs"
@@ -20,7 +20,7 @@ ACCELERATE = CONFIGS / "accelerate"
 
 # Which dataclass reads the YAML files of a folder under assets/configs/ ("" = the top level).
 # A new kind of config goes in its own folder and gets an entry here.
-CONFIG_CLASSES = {"": TrainConfig, "personal": TestbedPPDConfig}
+CONFIG_CLASSES = {"": TrainConfig, "personal": PersonalConfig}
 
 EXAMPLES = sorted(p for p in CONFIGS.rglob("*.yaml") if ACCELERATE not in p.parents)
 TINY = [p for p in EXAMPLES if p.name.startswith("tiny_")]
