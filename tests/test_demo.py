@@ -1,7 +1,8 @@
 """The demo (visalign.demo): its backend, its API through gradio_client, and the page driven by a
 real headless browser (Debian chromium + selenium), launched as the docs say (`visalign demo`).
 
-Skips cleanly when gradio, gradio_client, selenium or chromium are absent (see
+The backend tests run everywhere (the backend needs no Gradio); the app, API and browser tests
+skip cleanly when gradio, gradio_client, selenium or chromium are absent (see
 docs/personalisation.md for what to install).
 """
 
@@ -18,12 +19,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-gradio = pytest.importorskip("gradio")
-
-from visalign.algorithms.ppd import add_user_branch, save_user_branch  # noqa: E402
-from visalign.demo import DemoBackend, DemoConfig, Session, build_app  # noqa: E402
-from visalign.models import load_generator  # noqa: E402
-from visalign.personal import load_encoder  # noqa: E402
+from visalign.algorithms.ppd import add_user_branch, save_user_branch
+from visalign.demo import DemoBackend, DemoConfig, Session, build_app
+from visalign.models import load_generator
+from visalign.personal import load_encoder
 
 
 def free_port() -> int:
@@ -72,6 +71,8 @@ def test_backend_rounds_embedding_and_both_routes(backend):
 def test_model_folders_that_do_not_load_give_clear_messages(tmp_path):
     from visalign.cli import main
 
+    pytest.importorskip("gradio")  # without it `visalign demo` stops first, saying so
+
     result = CliRunner().invoke(main, ["demo", f"model={tmp_path / 'missing'}"])
     assert result.exit_code != 0 and "does not exist" in result.output
     broken = tmp_path / "broken"
@@ -89,6 +90,7 @@ def test_demo_binds_localhost_by_default():
 
 
 def test_gradio_client_api(backend):
+    pytest.importorskip("gradio")
     gradio_client = pytest.importorskip("gradio_client")
     app = build_app(backend)
     app.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
@@ -113,6 +115,7 @@ def _chromium() -> tuple[str, str] | None:
 
 @pytest.mark.slow  # 100-190 s here (2 shared cores under load): the server start and the round trips
 def test_browser_clicks_four_choices_and_generates(config, tmp_path):
+    pytest.importorskip("gradio")
     webdriver = pytest.importorskip("selenium.webdriver")
     found = _chromium()
     if found is None:
