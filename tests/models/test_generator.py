@@ -142,6 +142,22 @@ def test_reference_from_a_saved_lora_checkpoint(tiny_model_dir, tmp_path):
         torch.testing.assert_close(gen.reference().predict(x_t, t, cond), base.predict(x_t, t, cond), atol=1e-5, rtol=1e-5)
 
 
+def test_reference_from_a_lora_state_dict_keeps_the_adapters_scale(tiny_model_dir):
+    gen = load_generator(tiny_model_dir("sd"))
+    trainable = gen.add_lora(rank=4, alpha=16)  # scale alpha / rank = 4: loaded at alpha = rank it would be 4x too small
+    _perturb(trainable, seed=1, scale=0.2)
+    snapshot = {k: v.detach().clone() for k, v in gen.lora_state_dict().items()}
+    cond = gen.encode_prompt(PROMPTS)
+    x_t, t = torch.randn(2, 4, 8, 8), torch.tensor([300, 700])
+    with torch.no_grad():
+        at_snapshot = gen.predict(x_t, t, cond)
+        base = gen.reference().predict(x_t, t, cond)
+    assert (at_snapshot - base).abs().max() > 1e-2
+    _perturb(trainable, seed=2, scale=0.2)
+    gen.set_reference(snapshot)
+    torch.testing.assert_close(gen.reference().predict(x_t, t, cond), at_snapshot, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("family", ["sd", "sdxl", "sd3"])
 def test_saved_lora_loads_into_a_plain_pipeline_and_gives_the_same_image(tiny_model_dir, tmp_path, family):
     path = tiny_model_dir(family)

@@ -94,25 +94,12 @@ def weights_digest(weights: dict[str, Tensor]) -> str:
     return digest.hexdigest()
 
 
-def lora_delta(generator, adapter_name: str = "default") -> dict[str, Tensor]:
-    """The adapter's weights in diffusers' layout with each module's LoRA scale (alpha / rank)
-    folded into its up-projection, so loading them as an adapter of alpha = rank (what
-    ``Generator.set_reference`` does with a state dict) reproduces the same weight delta."""
-    state = {k: v.detach().to("cpu").clone() for k, v in generator.lora_state_dict(adapter_name).items()}
-    for key in state:
-        if key.endswith(".lora.up.weight") or key.endswith(".lora_B.weight"):
-            module = generator.denoiser.get_submodule(key.rsplit(".lora", 1)[0])
-            scale = float(module.scaling[adapter_name])
-            if scale != 1.0:
-                state[key] = state[key] * scale
-    return state
-
-
 def snapshot_weights(generator) -> dict[str, Tensor]:
-    """The policy's current weights as CPU copies: LoRA deltas in a LoRA run, else the denoiser's
-    whole state dict."""
+    """The policy's current weights as CPU copies: the adapter's state dict in a LoRA run
+    (``Generator.set_reference`` loads it back with the adapter's own rank and alpha), else the
+    denoiser's whole state dict."""
     if generator.has_adapters():
-        return lora_delta(generator)
+        return {k: v.detach().to("cpu").clone() for k, v in generator.lora_state_dict().items()}
     return {k: v.detach().to("cpu").clone() for k, v in generator.denoiser.state_dict().items()}
 
 

@@ -606,6 +606,11 @@ class Generator:
         ``source``: a LoRA file/folder in diffusers format or a LoRA state dict (loaded as an
         inactive adapter named ``"reference"``; needs a LoRA run); a diffusers model folder
         (its denoiser is loaded frozen); or ``None`` to go back to the default reference.
+
+        A state dict is read as a snapshot of this run's adapter (``lora_state_dict()``): it
+        loads with the active adapter's rank, alpha and target modules, so the reference is the
+        policy as it was, whatever its ``alpha / rank``. A file or folder carries its own
+        (``save_lora`` writes them).
         """
         self._drop_reference()
         if source is None:
@@ -615,7 +620,10 @@ class Generator:
                 raise ValueError("a LoRA reference needs a LoRA run: call add_lora() first")
             active = list(self.denoiser.active_adapters())
             with _preserve_requires_grad(self.denoiser):
-                state, metadata = (source, None) if isinstance(source, dict) else _read_lora_file(self, source)
+                if isinstance(source, dict):
+                    state, metadata = source, self.denoiser.peft_config[active[0]].to_dict()
+                else:
+                    state, metadata = _read_lora_file(self, source)
                 self.denoiser.load_lora_adapter(state, adapter_name="reference", prefix=None, metadata=metadata)
                 self.denoiser.set_adapter(active)
             for name, p in self.denoiser.named_parameters():
