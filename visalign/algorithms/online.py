@@ -250,20 +250,6 @@ def collect_rollout(generator: Generator, prompts: Sequence[str], group_size: in
     return rollout, torch.cat(images)
 
 
-def guided_output(generator: Generator, x_t: Tensor, t: Tensor, cond: Cond, guidance_scale: float) -> Tensor:
-    """The classifier-free-guided model output with a **per-sample** timestep ``t [B]`` (what
-    :meth:`Generator.guided_prediction` computes for one shared ``t``): one batched call on
-    ``[negative; cond]``, ``out_u + w (out_c - out_u)``."""
-    if guidance_scale <= 1.0:
-        return generator.predict(x_t, t, cond)
-    negative = generator.negative_cond(len(cond))
-    if cond.time_ids is not None:
-        negative = dataclasses.replace(negative, time_ids=cond.time_ids)
-    out = generator.predict(torch.cat([x_t, x_t]), torch.cat([t, t]), Cond.cat([negative, cond]))
-    out_uncond, out_text = out.chunk(2)
-    return out_uncond + guidance_scale * (out_text - out_uncond)
-
-
 def transition_log_probs(generator: Generator, rollout: Rollout, samples: Tensor, steps: Tensor, *,
                          guidance_scale: float, eta: float):
     """Re-evaluate the stored transitions ``(samples[i], steps[i])`` in one batched call.
@@ -278,8 +264,7 @@ def transition_log_probs(generator: Generator, rollout: Rollout, samples: Tensor
     t = rollout.timesteps[steps].to(device)
     t_next = rollout.next_timesteps[steps].to(device)
     cond = rollout.cond[samples.to(rollout.cond.prompt_embeds.device)].to(device)
-    out = guided_output(generator, x_t, t, cond, guidance_scale)
-    return generator.step(x_t, t, t_next, out, eta=eta, prev_sample=prev)
+    return generator.step_log_prob(x_t, t, t_next, prev, cond, eta, guidance_scale)
 
 
 # --------------------------------------------------------------------------------------------

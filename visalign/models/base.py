@@ -882,6 +882,9 @@ class Generator:
         if guidance_scale is None:
             return self.predict(x_t, self._timestep_batch(t, x_t.shape[0]), model_cond)
         model_input = torch.cat([x_t] * 2)
+        t = torch.as_tensor(t, device=self.device)
+        if t.dim() == 1 and t.shape[0] == x_t.shape[0]:  # one timestep per sample: both halves share it
+            t = torch.cat([t, t])
         out_uncond, out_text = self.predict(model_input, self._timestep_batch(t, model_input.shape[0]), model_cond).chunk(2)
         return out_uncond + guidance_scale * (out_text - out_uncond)
 
@@ -895,7 +898,8 @@ class Generator:
     ) -> Tensor:
         """The (classifier-free guided) model output at ``x_t``, as :meth:`sample` computes it.
 
-        Training objectives that re-evaluate a sampled step (DDPO, PRDP, Flow-GRPO) use this so
+        ``t``: one timestep for the batch or one per sample (``[B]``; replayed trajectories mix
+        steps). Training objectives that re-evaluate a sampled step (DDPO, PRDP, Flow-GRPO) use this so
         the output they differentiate is the one the sampler used.
         """
         if guidance_scale <= 1.0:
