@@ -39,6 +39,18 @@ def _clip_text_config(projection_dim: int | None = None):
     )
 
 
+# SD 1.x/2.x's DDPM noise schedule (also SDXL's and ModelScope T2V's), as their scheduler configs set it.
+SD_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                set_alpha_to_one=False, steps_offset=1)
+
+
+def tiny_unet_kwargs(**overrides) -> dict:
+    """The tiny UNets' shared layout (2D and 3D): two levels of 32/64 channels at 8x8 latents."""
+    return {"sample_size": 8, "in_channels": 4, "out_channels": 4, "block_out_channels": (32, 64),
+            "layers_per_block": 1, "cross_attention_dim": _TEXT_WIDTH, "attention_head_dim": 8,
+            "norm_num_groups": 8, **overrides}
+
+
 def _tiny_vae(latent_channels: int = 4, flow: bool = False, testbed: bool = False):
     from diffusers import AutoencoderKL
 
@@ -106,43 +118,22 @@ def build_tiny_components(family: str, seed: int = 0, tokenizer_dir: str | os.Pa
     torch.manual_seed(seed)
     latent_size = 16 if testbed else 8
     if family in ("sd", "sd-v") and testbed:
-        unet = UNet2DConditionModel(
+        unet = UNet2DConditionModel(**tiny_unet_kwargs(
             sample_size=latent_size,
-            in_channels=4,
-            out_channels=4,
             down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            cross_attention_dim=_TEXT_WIDTH,
             attention_head_dim=16,
             norm_num_groups=16,
             use_linear_projection=family == "sd-v",
-        )
+        ))
     elif family in ("sd", "sd-v"):
-        unet = UNet2DConditionModel(
-            sample_size=8,
-            in_channels=4,
-            out_channels=4,
+        unet = UNet2DConditionModel(**tiny_unet_kwargs(
             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            cross_attention_dim=_TEXT_WIDTH,
-            attention_head_dim=8,
-            norm_num_groups=8,
             use_linear_projection=family == "sd-v",  # as in SD 2.x
-        )
+        ))
     if family in ("sd", "sd-v"):
-        scheduler = DDIMScheduler(
-            beta_start=0.00085,
-            beta_end=0.012,
-            beta_schedule="scaled_linear",
-            clip_sample=False,
-            set_alpha_to_one=False,
-            steps_offset=1,
-            prediction_type="v_prediction" if family == "sd-v" else "epsilon",
-        )
+        scheduler = DDIMScheduler(**SD_BETAS, prediction_type="v_prediction" if family == "sd-v" else "epsilon")
         return dict(
             unet=unet,
             vae=_tiny_vae(testbed=testbed),
@@ -173,15 +164,7 @@ def build_tiny_components(family: str, seed: int = 0, tokenizer_dir: str | os.Pa
             cross_attention_dim=2 * _TEXT_WIDTH,
             norm_num_groups=8,
         )
-        scheduler = DDIMScheduler(
-            beta_start=0.00085,
-            beta_end=0.012,
-            beta_schedule="scaled_linear",
-            clip_sample=False,
-            set_alpha_to_one=False,
-            steps_offset=1,
-            timestep_spacing="leading",
-        )
+        scheduler = DDIMScheduler(**SD_BETAS, timestep_spacing="leading")
         return dict(
             unet=unet,
             vae=_tiny_vae(),

@@ -61,29 +61,14 @@ def _modelscope(tokenizer) -> dict:
     from diffusers import DDIMScheduler, UNet3DConditionModel
     from transformers import CLIPTextModel
 
-    from .tiny import _clip_text_config, _tiny_vae
+    from .tiny import SD_BETAS, _clip_text_config, _tiny_vae, tiny_unet_kwargs
 
-    unet = UNet3DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
+    unet = UNet3DConditionModel(**tiny_unet_kwargs(
         down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
         up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        cross_attention_dim=_TEXT_WIDTH,
-        attention_head_dim=8,
-        norm_num_groups=8,
-    )
+    ))
     # ModelScope T2V's scheduler: SD's scaled-linear betas, epsilon prediction.
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
+    scheduler = DDIMScheduler(**SD_BETAS)
     return dict(
         unet=unet,
         vae=_tiny_vae(),
