@@ -145,3 +145,15 @@ def test_continuing_from_a_folder_without_models_is_a_clear_error(tmp_path):
                          work_dir=str(tmp_path / "work"), reward_family=None)
     with pytest.raises(FileNotFoundError, match="init_from"):
         build(config)
+
+
+def test_sample_grid_shows_a_models_samples_per_category(quick_build, tmp_path):
+    from PIL import Image
+
+    from visalign.testbed.figures import sample_grid
+    from visalign.testbed.prompts import CATEGORIES
+
+    out, _ = quick_build
+    path = sample_grid(out / "assets" / "sd", tmp_path / "grid.png", per_category=2, num_inference_steps=2)
+    width, height = Image.open(path).size
+    assert height > width * len(CATEGORIES) / 2 * 0.9  # one row per category, two columns

@@ -1,6 +1,8 @@
-"""A grid of rendered scenes per prompt category, for the docs.
+"""Figures for the docs: rendered scenes per prompt category, and what a model samples for
+held-out prompts of each category (marked right or wrong by the oracle).
 
     python -m visalign.testbed.figures docs/img/testbed_scenes.png
+    python -m visalign.testbed.figures --samples assets/testbed/sd docs/img/testbed_samples_sd.png
 """
 
 from __future__ import annotations
@@ -45,5 +47,52 @@ def scene_grid(path: str | Path, per_category: int = 6, size: int = 32, seed: in
     return path
 
 
+def sample_grid(model: str | Path, path: str | Path, per_category: int = 6, num_inference_steps: int = 20,
+                guidance_scale: float = 4.0, seed: int = 0) -> Path:
+    """Write a PNG with one row per category: ``model``'s sample for ``per_category`` held-out
+    prompts, each titled with its prompt and the oracle's verdict (``ok`` / ``wrong``).
+    Image ``j`` starts from the same noise whatever the model (``visalign.eval`` seeding)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..eval.evaluate import sample_for_eval
+    from ..models import load_generator
+    from .oracle import oracle
+    from .prompts import load_prompts
+
+    rng = np.random.default_rng(seed)
+    records = load_prompts("heldout")
+    chosen = []
+    for category in CATEGORIES:
+        pool = [record.prompt for record in records if record.category == category]
+        chosen += [pool[i] for i in rng.choice(len(pool), size=per_category, replace=len(pool) < per_category)]
+    images = sample_for_eval(load_generator(model), chosen, 1, num_inference_steps, guidance_scale, seed)
+    verdict = oracle(images, chosen)
+    figure, axes = plt.subplots(len(CATEGORIES), per_category, figsize=(1.55 * per_category, 1.9 * len(CATEGORIES)))
+    for index, (prompt, image) in enumerate(zip(chosen, images)):
+        row, column = divmod(index, per_category)
+        axis = axes[row, column]
+        axis.imshow(image.permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
+        axis.set_xticks([])
+        axis.set_yticks([])
+        mark = "ok" if bool(verdict.correct[index]) else "wrong"
+        axis.set_title("\n".join(textwrap.wrap(prompt, 22)) + f"\n[{mark}]", fontsize=6.5,
+                       color="black" if mark == "ok" else "firebrick")
+        if column == 0:
+            axis.set_ylabel(CATEGORIES[row], fontsize=8)
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+    return path
+
+
 if __name__ == "__main__":
-    print(scene_grid(sys.argv[1] if len(sys.argv) > 1 else "docs/img/testbed_scenes.png"))
+    arguments = sys.argv[1:]
+    if arguments[:1] == ["--samples"]:
+        print(sample_grid(arguments[1], arguments[2] if len(arguments) > 2 else "docs/img/testbed_samples.png"))
+    else:
+        print(scene_grid(arguments[0] if arguments else "docs/img/testbed_scenes.png"))
