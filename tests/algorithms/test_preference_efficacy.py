@@ -4,7 +4,6 @@ LoRA raises held-out oracle accuracy beyond the base model's seed-to-seed noise 
 benchmarks/RESULTS.md: +0.028 +- 0.007 over 3 seeds). Diffusion-DPO's gain on the same data is
 recorded there but is within the noise, so it is not asserted."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -14,18 +13,12 @@ ROOT = Path(__file__).resolve().parents[2]
 REWARD = ROOT / "assets" / "testbed" / "reward" / "reward.json"
 
 
-def _efficacy_module():
-    spec = importlib.util.spec_from_file_location("efficacy_preference", ROOT / "benchmarks" / "efficacy_preference.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(not REWARD.is_file(), reason="no shipped learned reward")
-def test_kto_on_learned_reward_feedback_raises_heldout_oracle_accuracy(tmp_path):
-    _efficacy_module().main(["--model", str(ROOT / "assets" / "testbed" / "sd"), "--reward", "testbed-reward",
-                             "--objectives", "kto", "--out", str(tmp_path)])
+def test_kto_on_learned_reward_feedback_raises_heldout_oracle_accuracy(tmp_path, benchmark_script):
+    efficacy = benchmark_script("efficacy_preference")
+    efficacy.main(["--model", str(ROOT / "assets" / "testbed" / "sd"), "--reward", "testbed-reward",
+                   "--objectives", "kto", "--out", str(tmp_path)])
     result = json.loads((tmp_path / "efficacy.json").read_text())
     base, kto = result["rows"]
     assert kto["model"] == "kto"

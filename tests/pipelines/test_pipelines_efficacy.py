@@ -6,7 +6,6 @@ The steering reward is the learned reward at assets/testbed/reward when it exist
 oracle (see benchmarks/efficacy_steering.py, which this test runs).
 """
 
-import importlib.util
 import math
 from pathlib import Path
 
@@ -15,18 +14,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _efficacy_module():
-    spec = importlib.util.spec_from_file_location("efficacy_steering", ROOT / "benchmarks" / "efficacy_steering.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(not (ROOT / "assets" / "testbed" / "sd" / "model_index.json").exists(),
                     reason="the testbed base model is not shipped in this checkout")
-def test_fk_beats_plain_sampling_on_held_out_prompts(capsys):
-    efficacy = _efficacy_module()
+def test_fk_beats_plain_sampling_on_held_out_prompts(capsys, benchmark_script):
+    efficacy = benchmark_script("efficacy_steering")
     report = efficacy.run(seeds=(0,), progress=False)
     with capsys.disabled():
         print(f"\nsteering reward: {report['reward']}; model {report['model']}\n{efficacy.table(report)}")
