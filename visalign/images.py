@@ -1,4 +1,4 @@
-"""Saving generated images: PNG files and labelled grids."""
+"""Saving generated images (PNG files, labelled grids, MP4/GIF clips) and reading clips back."""
 
 from __future__ import annotations
 
@@ -101,6 +101,55 @@ def save_video(video: Tensor, path: str | os.PathLike, fps: int = 8) -> Path:
     else:
         raise ValueError(f"video files are .mp4 or .gif, got {path.name!r}")
     return path
+
+
+VIDEO_SUFFIXES = (".mp4", ".gif", ".webm", ".mov", ".avi")
+FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def load_video(source: str | os.PathLike) -> Tensor:
+    """Read a clip as ``[F, 3, H, W]`` float in [0, 1]: an ``.mp4``/``.gif``/``.webm``/``.mov``/``.avi``
+    file (imageio; MP4 needs imageio-ffmpeg) or a folder of frame images taken in name order.
+
+    A missing, empty or unreadable source raises ``ValueError`` naming it.
+    """
+    import numpy as np
+    from PIL import Image
+
+    path = Path(source)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in FRAME_SUFFIXES)
+        if not files:
+            raise ValueError(f"clip folder {path} holds no frame images ({', '.join(FRAME_SUFFIXES)})")
+        try:
+            frames = [np.asarray(Image.open(file).convert("RGB")) for file in files]
+        except OSError as error:
+            raise ValueError(f"clip folder {path}: unreadable frame ({error})") from None
+        if len({frame.shape for frame in frames}) > 1:
+            raise ValueError(f"clip folder {path}: frames differ in size")
+        array = np.stack(frames)
+    elif path.is_file():
+        if path.suffix.lower() not in VIDEO_SUFFIXES:
+            raise ValueError(f"{path}: not a video file ({', '.join(VIDEO_SUFFIXES)}) or a folder of frames")
+        try:
+            import imageio.v3 as iio
+        except ImportError:
+            raise ImportError("reading video needs imageio: pip install 'visalign[video]'") from None
+        try:
+            array = np.asarray(iio.imread(path, index=None))
+        except Exception as error:  # imageio raises plugin-specific errors for corrupt files
+            raise ValueError(f"{path}: cannot read the video ({type(error).__name__}: {error})") from None
+        if array.ndim == 3:  # one frame
+            array = array[None]
+        if array.ndim != 4 or array.shape[0] == 0:
+            raise ValueError(f"{path}: expected frames [F, H, W, C], got shape {array.shape}")
+        if array.shape[-1] == 4:
+            array = array[..., :3]
+        elif array.shape[-1] == 1:
+            array = array.repeat(3, axis=-1)
+    else:
+        raise ValueError(f"no clip at {path}")
+    return torch.from_numpy(np.ascontiguousarray(array)).permute(0, 3, 1, 2).float() / 255.0
 
 
 def save_sample(sample: Tensor, stem: str | os.PathLike, video_format: str = "mp4", fps: int = 8) -> Path:

@@ -261,9 +261,9 @@ class RewardGradient(Objective):
         return dict(num_inference_steps=o.num_inference_steps, guidance_scale=o.guidance_scale, eta=o.eta,
                     height=o.resolution, width=o.resolution, generator=rng)
 
-    def score_loss(self, images: Tensor, prompts: list[str]) -> tuple[Tensor, dict[str, float]]:
+    def score_loss(self, images: Tensor, prompts: list[str], **context: Any) -> tuple[Tensor, dict[str, float]]:
         o = self.options
-        raw = self.reward(images.float(), prompts)
+        raw = self.reward(images.float(), prompts, **context)
         scores = (raw - o.reward_shift) / o.reward_scale
         loss = reward_loss(scores, o.loss, o.target, o.loss_scale)
         return loss, {"loss": loss.detach().item(), "reward": raw.detach().float().mean().item()}

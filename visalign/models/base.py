@@ -500,6 +500,23 @@ class Generator:
         """``(timesteps, next_timesteps)``, each ``[num_steps]``, for a sampling run."""
         raise NotImplementedError
 
+    def noise_level(self, t: Tensor) -> Tensor:
+        """Timesteps ``t`` as a fraction of the noise process: ``t / num_train_timesteps`` for
+        diffusion families, ``sigma`` itself for flow families."""
+        raise NotImplementedError
+
+    def start_index(self, num_steps: int, strength: float) -> int:
+        """The index of the ``num_steps`` sampling grid's timestep whose noise level is nearest
+        ``strength`` (in (0, 1]): where a partial chain starts (:meth:`sample`'s ``start_step``).
+
+        On SD's 20-step DDIM grid (951, 901, ..., 1) strength 0.6 gives index 7, timestep 601
+        (InstructVideo's ``t_tau``); on a flow grid, the sigma nearest 0.6.
+        """
+        if not 0.0 < strength <= 1.0:
+            raise ValueError(f"strength must lie in (0, 1], got {strength}")
+        timesteps, _ = self.sampling_timesteps(num_steps)
+        return int((self.noise_level(timesteps) - strength).abs().argmin())
+
     def step(
         self,
         x_t: Tensor,
@@ -770,6 +787,7 @@ class Generator:
         num_images_per_prompt: int = 1,
         generator: torch.Generator | None = None,
         latents: Tensor | None = None,
+        start_step: int = 0,
         grad_steps: str | Iterable[int] | Callable[[int], bool] | None = None,
         return_trajectory: bool = False,
         output_type: str = "pt",
@@ -786,6 +804,13 @@ class Generator:
                 gives per-step log-probabilities in the trajectory.
             generator: seeds the initial noise and the stochastic steps (same order as diffusers
                 pipelines draw them, so a seed gives the same image as the plain pipeline).
+            latents: the starting state (default: noise drawn from ``generator``).
+            start_step: begin at step index ``start_step`` of the ``num_inference_steps`` grid,
+                with ``latents`` (required then) already noised to that step's timestep, e.g.
+                ``add_noise(x0, noise, sampling_timesteps(N)[0][start_step])``: the partial chain
+                of SDEdit-style editing and InstructVideo (:meth:`start_index` finds the index of
+                a noise level). Step indices in ``grad_steps`` and hooks stay indices of the full
+                grid; a returned trajectory holds only the steps run.
             grad_steps: which step indices (0 = first, noisiest) run the denoiser with gradient:
                 ``None`` (no gradient anywhere), ``"all"``, an iterable of indices, or a
                 predicate. Gradient then flows through those steps into the final latents and
@@ -821,6 +846,10 @@ class Generator:
         from diffusers.utils.torch_utils import randn_tensor
 
         shape = self.latent_shape(batch_size, height, width)
+        if not 0 <= start_step < num_inference_steps:
+            raise ValueError(f"start_step must lie in [0, num_inference_steps={num_inference_steps}), got {start_step}")
+        if start_step and latents is None:
+            raise ValueError("start_step > 0 continues a partly denoised state: pass `latents` noised to that step")
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
             latents = latents * getattr(self.scheduler, "init_noise_sigma", 1.0)
@@ -831,7 +860,7 @@ class Generator:
 
         states = [latents.detach()] if return_trajectory else None
         log_probs = [] if (return_trajectory and eta > 0) else None
-        iterator = range(num_inference_steps)
+        iterator = range(start_step, num_inference_steps)
         if progress:
             from tqdm.auto import tqdm
 
@@ -862,8 +891,8 @@ class Generator:
         if return_trajectory:
             trajectory = Trajectory(
                 latents=torch.stack(states, dim=1),
-                timesteps=timesteps,
-                next_timesteps=next_timesteps,
+                timesteps=timesteps[start_step:],
+                next_timesteps=next_timesteps[start_step:],
                 log_probs=torch.stack(log_probs, dim=1) if log_probs is not None else None,
             )
         if output_type == "latent":

@@ -105,6 +105,9 @@ class DiffusionGenerator(Generator):
         next_timesteps = timesteps - self.num_train_timesteps // num_steps
         return timesteps, next_timesteps
 
+    def noise_level(self, t: Tensor) -> Tensor:
+        return torch.as_tensor(t).float() / self.num_train_timesteps
+
     def step(self, x_t, t, t_next, model_output, eta=0.0, generator=None, prev_sample=None) -> StepOutput:
         """DDIM step with ``eta`` (ALGORITHMS.md §7.1); exact Gaussian log-prob when ``eta > 0``."""
         dtype = model_output.dtype

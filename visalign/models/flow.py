@@ -66,6 +66,9 @@ class FlowGenerator(Generator):
         sigmas = self.scheduler.sigmas.to(torch.float32)
         return sigmas[:-1].clone(), sigmas[1:].clone()
 
+    def noise_level(self, t: Tensor) -> Tensor:
+        return torch.as_tensor(t).float()
+
     def step(self, x_t, t, t_next, model_output, eta=0.0, generator=None, prev_sample=None) -> StepOutput:
         """Euler step ``x + (s' - s) v``; with ``eta > 0`` the Flow-GRPO SDE step whose noise level
         is ``eta`` (0.7 in Flow-GRPO), exact Gaussian log-prob in fp32.
