@@ -227,3 +227,17 @@ def test_trainer_runs_instructvideo_and_raises_the_reward(tiny_model_dir, tmp_pa
     logged = [json.loads(line) for line in (tmp_path / "run" / "logs" / "metrics.jsonl").read_text().splitlines()]
     assert len(logged) == 6 and all(row["t_start"] == 665.0 for row in logged)  # 0.6 on the 6-step grid 831, 665, ..., 1
     assert _edit_reward(gen, judge, prompts, clips) > before + 0.05
+
+
+def test_recipe_carries_the_published_defaults():
+    from pathlib import Path
+
+    from visalign.training import TrainConfig, build_objective
+
+    config = load_config(TrainConfig, Path(__file__).resolve().parents[2] / "assets" / "configs" / "modelscope_instructvideo.yaml")
+    assert config.objective == "instructvideo" and config.model.family == "modelscope"
+    options = build_objective(config.objective, None, config.options).options
+    expected = {"num_inference_steps": 20, "strength": 0.6, "offset_noise": 0.1, "grad_steps": 1, "guidance_scale": 3.0,
+                "eta": 0.0, "segments": 4, "attenuation": 1.0, "reward": "hpsv2", "gradient_checkpointing": "steps"}
+    assert {key: getattr(options, key) for key in expected} == expected
+    assert config.model.finetune == "lora" and config.model.lora.rank == 4 and config.optim.lr == 1e-5

@@ -220,6 +220,37 @@ def test_gradient_flows_only_through_chosen_steps(tiny_model_dir, family):
                                generator=torch.Generator().manual_seed(0)).images)
 
 
+@pytest.mark.parametrize("family", ["sd", "sd3"])
+def test_a_partial_chain_from_a_trajectory_state_ends_where_the_full_chain_does(tiny_model_dir, family):
+    gen = load_generator(tiny_model_dir(family))
+    full = gen.sample(PROMPTS, num_inference_steps=6, guidance_scale=3.0, return_trajectory=True,
+                      generator=torch.Generator().manual_seed(4))
+    seen = []
+    partial = gen.sample(PROMPTS, num_inference_steps=6, guidance_scale=3.0, latents=full.trajectory.latents[:, 2],
+                         start_step=2, return_trajectory=True, on_step_end=lambda state: seen.append(state.index))
+    torch.testing.assert_close(partial.latents, full.latents, atol=1e-5, rtol=1e-5)
+    assert seen == [2, 3, 4, 5]  # indices of the full grid
+    assert partial.trajectory.latents.shape[1] == 5
+    torch.testing.assert_close(partial.trajectory.timesteps, full.trajectory.timesteps[2:])
+    with pytest.raises(ValueError, match="pass `latents`"):
+        gen.sample(PROMPTS, num_inference_steps=6, start_step=2)
+    with pytest.raises(ValueError, match="start_step must lie"):
+        gen.sample(PROMPTS, num_inference_steps=6, start_step=6, latents=full.latents)
+
+
+def test_start_index_is_the_grid_step_nearest_a_noise_level(tiny_model_dir):
+    sd = load_generator(tiny_model_dir("sd"))
+    timesteps, _ = sd.sampling_timesteps(20)
+    assert sd.start_index(20, 0.6) == 7 and int(timesteps[7]) == 601  # InstructVideo's t_tau
+    assert sd.start_index(20, 1.0) == 0
+    flow = load_generator(tiny_model_dir("sd3"))
+    sigmas, _ = flow.sampling_timesteps(10)
+    assert flow.start_index(10, 0.6) == int((sigmas - 0.6).abs().argmin())
+    assert abs(float(sigmas[flow.start_index(10, 0.6)]) - 0.6) <= 0.05
+    with pytest.raises(ValueError, match="strength"):
+        sd.start_index(20, 0.0)
+
+
 def test_step_hooks_can_replace_latents_and_outputs(tiny_model_dir):
     gen = load_generator(tiny_model_dir("sd"))
     seen = []

@@ -190,7 +190,7 @@ class InstructVideo(RewardGradient):
     Options = InstructVideoOptions
 
     def __init__(self, generator, options=None, reward=None):
-        if not getattr(generator, "is_video", False):
+        if generator is not None and not getattr(generator, "is_video", False):
             raise ConfigError(f"instructvideo fine-tunes text-to-video generators; {generator.family!r} is an image "
                               "family (for images use draft, alignprop or refl)")
         super().__init__(generator, options, reward)
@@ -203,11 +203,13 @@ class InstructVideo(RewardGradient):
             raise ConfigError("options.offset_noise and options.attenuation must not be negative")
         if o.frame_sampling not in ("random", "middle"):
             raise ConfigError(f"options.frame_sampling must be random or middle, got {o.frame_sampling!r}")
-        self.start = generator.start_index(o.num_inference_steps, o.strength)
-        if o.grad_steps > o.num_inference_steps - self.start:
-            raise ConfigError(f"options.grad_steps={o.grad_steps} exceeds the {o.num_inference_steps - self.start} "
-                              f"steps run from strength {o.strength}")
         self.clips: ClipSet | None = None
+        self.start = None
+        if generator is not None:  # (None: the options are only being validated)
+            self.start = generator.start_index(o.num_inference_steps, o.strength)
+            if o.grad_steps > o.num_inference_steps - self.start:
+                raise ConfigError(f"options.grad_steps={o.grad_steps} exceeds the {o.num_inference_steps - self.start} "
+                                  f"steps run from strength {o.strength}")
 
     def set_reward(self, reward) -> None:
         from rewards import VideoFromImage
@@ -240,7 +242,7 @@ class InstructVideo(RewardGradient):
         first = o.num_inference_steps - o.grad_steps
         out = gen.sample(prompts, latents=x_t, start_step=self.start, grad_steps=range(first, o.num_inference_steps),
                          num_inference_steps=o.num_inference_steps, guidance_scale=o.guidance_scale, eta=o.eta,
-                         generator=rng, num_frames=videos.shape[1])
+                         generator=rng, num_frames=videos.shape[1], height=videos.shape[-2], width=videos.shape[-1])
         from rewards import VideoFromImage
 
         # The segmental reward's frame draw follows the step's generator (reproducible runs).
