@@ -72,8 +72,9 @@ def _accuracy(correct: torch.Tensor) -> tuple[float, float]:
 
 def run(model: str | os.PathLike = DEFAULT_MODEL, reward: str | None = None, num_prompts: int | None = None,
         particles: int = 4, steps: int = 20, guidance_scale: float = 4.0, seeds=(0,), oracle_mode: str = "correct",
-        batch_prompts: int = 16, fk_options: dict | None = None, progress: bool = True) -> dict:
-    """Plain vs best-of-k vs FK k on held-out prompts; returns the figures as a dict."""
+        batch_prompts: int = 16, fk_options: dict | None = None, progress: bool = True, split: str = "heldout") -> dict:
+    """Plain vs best-of-k vs FK k on the ``split`` prompts (held-out by default; tune FK's
+    settings on ``"train"`` so the held-out figure stays unbiased); returns the figures as a dict."""
     from tqdm.auto import tqdm
 
     from pipelines import BestOfN, FKSteering
@@ -84,7 +85,7 @@ def run(model: str | os.PathLike = DEFAULT_MODEL, reward: str | None = None, num
     reward_name = reward or default_reward()
     steering_reward = load_reward(reward_name, oracle_mode)
     generator = load_generator(model)
-    prompts = [record.prompt for record in load_prompts("heldout")]
+    prompts = [record.prompt for record in load_prompts(split)]
     if num_prompts and num_prompts < len(prompts):  # evenly spread over the file, so every category is in
         prompts = [prompts[i * len(prompts) // num_prompts] for i in range(num_prompts)]
     fk_options = dict(TESTBED_FK_OPTIONS if fk_options is None else fk_options)
@@ -124,6 +125,7 @@ def run(model: str | os.PathLike = DEFAULT_MODEL, reward: str | None = None, num
         "model": str(model),
         "reward": reward_name if reward_name != "testbed-oracle" else f"testbed-oracle (mode={oracle_mode})",
         "prompts": len(prompts),
+        "split": split,
         "seeds": list(seeds),
         "particles": particles,
         "steps": steps,
@@ -176,7 +178,10 @@ def main(argv=None) -> None:
     parser.add_argument("--model", default=str(DEFAULT_MODEL))
     parser.add_argument("--reward", default=None, help="reward name or saved folder (default: assets/testbed/reward, else the oracle)")
     parser.add_argument("--oracle-mode", default="correct", choices=("correct", "quality", "both"))
-    parser.add_argument("--prompts", type=int, default=None, help="N held-out prompts spread over the split (default: all 95)")
+    parser.add_argument("--prompts", type=int, default=None, help="N prompts spread over the split (default: all)")
+    parser.add_argument("--split", default="heldout", choices=("heldout", "train"),
+                        help="prompt split (tune FK's settings on train, report on heldout)")
+    parser.add_argument("--num-x0-samples", type=int, default=1, help="x0 draws averaged per intermediate reward")
     parser.add_argument("--particles", type=int, default=4)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guidance-scale", type=float, default=4.0)
@@ -203,9 +208,11 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     fk_options = {"lmbda": args.lmbda, "potential": args.potential, "resample_start": args.resample_start,
                   "resample_end": args.resample_end, "resample_every": args.resample_every}
+    if args.num_x0_samples > 1:
+        fk_options["num_x0_samples"] = args.num_x0_samples
     report = run(args.model, args.reward, args.prompts, args.particles, args.steps, args.guidance_scale, tuple(args.seeds),
-                 args.oracle_mode, args.batch_prompts, fk_options)
-    print(f"model {report['model']}; steering reward {report['reward']}; {report['prompts']} held-out prompts x "
+                 args.oracle_mode, args.batch_prompts, fk_options, split=args.split)
+    print(f"model {report['model']}; steering reward {report['reward']}; {report['prompts']} {args.split} prompts x "
           f"seeds {report['seeds']}; {report['steps']} steps, CFG {report['guidance_scale']}; FK {report['fk_options']}")
     print(f"denoiser evaluations {report['denoiser_evals']}; wall time {report['wall_time_s']}")
     print(table(report))

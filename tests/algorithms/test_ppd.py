@@ -193,3 +193,93 @@ def test_sdxl_user_branch_starts_at_base_and_responds_to_users(tiny_model_dir):
             if "to_v_user" in name:
                 p.normal_(0, 0.5)
     assert (denoise(generator, with_user(cond, users(2))) - base).abs().max() > 1e-3
+
+
+def _pair_dataset(tmp_path, pairs=6):
+    """A jsonl pair dataset labelled by two users, and their embeddings table."""
+    import json
+
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    rows = []
+    for i in range(pairs):
+        for side in ("w", "l"):
+            colour = (200, 40, 40) if side == "w" else (40, 40, 200)
+            Image.new("RGB", (32, 32), colour).save(tmp_path / f"{side}{i}.png")
+        rows.append({"prompt": PROMPTS[i % 3], "winner": f"w{i}.png", "loser": f"l{i}.png",
+                     "user_id": ["alice", "bob"][i % 2]})
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    table = tmp_path / "users.safetensors"
+    save_file({"alice": users(1)[0], "bob": users(1, 1)[0]}, str(table))
+    return tmp_path / "pairs.jsonl", table
+
+
+def _ppd_config(model_dir, data, table, out, **overrides):
+    from visalign.config import load_config
+    from visalign.training import TrainConfig
+
+    values = {
+        "model": {"path": str(model_dir)}, "objective": "ppd",
+        "options": {"beta": 500.0, "user_dropout": 0.0, "user_embeddings": str(table)},
+        "data": {"format": "jsonl", "path": str(data), "random_flip": False},
+        "optim": {"lr": 1e-2, "weight_decay": 0.0}, "batch_size": 2, "max_steps": 8, "log_every": 1,
+        "checkpoint_every": 4, "output_dir": str(out), "seed": 0,
+    }
+    for key, value in overrides.items():
+        values[key] = value
+    return load_config(TrainConfig, data=values)
+
+
+def test_visalign_train_runs_ppd_on_the_user_branch_only(tiny_model_dir, loaded_sd, tmp_path):
+    import json
+
+    from visalign.training import train
+
+    data, table = _pair_dataset(tmp_path)
+    base_state = {k: v.clone() for k, v in loaded_sd.denoiser.state_dict().items()}
+    trained = copy.deepcopy(loaded_sd)
+    result = train(_ppd_config(tiny_model_dir("sd"), data, table, tmp_path / "run"), generator=trained)
+    assert result.step == 8 and result.final_weights == tmp_path / "run" / "user_branch.safetensors"
+    logged = [json.loads(line) for line in (tmp_path / "run" / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert logged[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)  # the branch starts at the base
+    assert not (tmp_path / "run" / "lora").exists() and not (tmp_path / "run" / "model").exists()
+    # a fresh base model + the saved branch: the base weights were never touched, the branch learned
+    fresh = copy.deepcopy(loaded_sd)
+    assert load_user_branch(fresh, result.final_weights)["objective"] == "ppd"
+    state = fresh.denoiser.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in base_state.items())
+    assert any(p.abs().max() > 0 for name, p in fresh.denoiser.named_parameters() if "to_v_user" in name)
+    # the saved branch is the trained one: same personal predictions as the run's own generator
+    cond = with_user(fresh.encode_prompt(PROMPTS[:2]), users(2))
+    assert torch.allclose(denoise(fresh, cond), denoise(trained, cond), atol=1e-6)
+    assert (denoise(fresh, cond) - denoise(fresh, with_user(cond, None))).abs().max() > 1e-4
+
+
+def test_visalign_train_ppd_resumes_and_refuses_full_finetuning(tiny_model_dir, tmp_path):
+    from visalign.config import ConfigError
+    from visalign.training import train
+
+    data, table = _pair_dataset(tmp_path)
+    straight = train(_ppd_config(tiny_model_dir("sd"), data, table, tmp_path / "straight"))
+    train(_ppd_config(tiny_model_dir("sd"), data, table, tmp_path / "resumed", max_steps=4))
+    resumed = train(_ppd_config(tiny_model_dir("sd"), data, table, tmp_path / "resumed", resume="latest"))
+    assert resumed.step == 8
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(straight.final_weights)), load_file(str(resumed.final_weights))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    with pytest.raises(ConfigError, match="trains its own new layers"):
+        train(_ppd_config(tiny_model_dir("sd"), data, table, tmp_path / "full", model={"path": str(tiny_model_dir("sd")),
+                                                                                       "finetune": "full"}))
+
+
+def test_visalign_train_ppd_with_lora_saves_both(tiny_model_dir, tmp_path):
+    from visalign.training import train
+
+    data, table = _pair_dataset(tmp_path)
+    config = _ppd_config(tiny_model_dir("sd"), data, table, tmp_path / "run", max_steps=2, checkpoint_every=0,
+                         options={"beta": 500.0, "user_embeddings": str(table), "train_lora": True})
+    result = train(config)
+    assert result.final_weights.name == "user_branch.safetensors"
+    assert (tmp_path / "run" / "lora" / "pytorch_lora_weights.safetensors").is_file()

@@ -324,7 +324,15 @@ class PPD(Objective):
             add_user_branch(generator, dim, self.options.num_tokens)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
+        """The user branch: what ``visalign train`` optimises (plus LoRA with ``train_lora``)."""
         return user_branch_parameters(self.generator)
+
+    def save_trained(self, directory) -> Path:
+        """``directory/user_branch.safetensors`` (:func:`load_user_branch` reads it)."""
+        o = self.options
+        return save_user_branch(self.generator, Path(directory) / "user_branch.safetensors",
+                                {"objective": "ppd", "beta": o.beta, "user_dropout": o.user_dropout,
+                                 "train_lora": o.train_lora})
 
     def user_embeds(self, batch: dict) -> Tensor:
         if batch.get("user_embeds") is not None:
@@ -370,8 +378,9 @@ def fit_user_branch(objective: PPD, batches, steps: int, lr: float = 1e-4, weigh
                     max_grad_norm: float | None = 1.0, seed: int = 0, log_every: int = 0) -> list[dict]:
     """Train the user branch (and nothing else) with ``objective`` for ``steps`` batches.
 
-    A focused loop for the user branch only: the trainer (``visalign train``) chooses LoRA or full
-    fine-tuning of the denoiser and has no setting for "new layers only" yet. ``batches`` is an
+    A minimal loop over in-memory batches (the testbed's efficacy script builds its batches from
+    synthetic users on the fly); ``visalign train objective=ppd`` runs the same objective on a
+    pair dataset with the full trainer (checkpoints, resume, EMA, accelerate). ``batches`` is an
     iterable of pair batches (re-iterated when exhausted). Returns the metrics of each step.
     """
     parameters = objective.trainable_parameters()

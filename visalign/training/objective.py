@@ -52,6 +52,22 @@ class Objective:
         """
         raise NotImplementedError
 
+    def trainable_parameters(self) -> list[torch.nn.Parameter] | None:
+        """Parameters the objective adds and trains itself (PPD's user branch), or ``None``.
+
+        When it returns a list, the trainer optimises exactly these (plus the run's LoRA when
+        ``options.train_lora`` is true) and leaves the rest of the model frozen; ``model.finetune``
+        must then be ``lora`` (the default), since full fine-tuning would train everything. They
+        must be parameters of the trained component (so checkpoints name them) and are saved by
+        :meth:`save_trained`.
+        """
+        return None
+
+    def save_trained(self, directory) -> Any:
+        """Write the parameters of :meth:`trainable_parameters` under ``directory`` (the run's
+        output folder) at the end of training; returns the path written."""
+        return None
+
     def state_dict(self) -> dict[str, Any]:
         """State that must survive a resume (replay buffers, stat trackers), torch.save-able."""
         return {}

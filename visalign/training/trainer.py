@@ -158,10 +158,13 @@ class Trainer:
         objectives like ``autoencoder``, another component (full)."""
         config = self.config.model
         component = self.objective.trains
-        if component == "denoiser":
+        owned = self.objective.trainable_parameters()
+        self.trains_lora = False
+        if owned is not None:
+            parameters = self._set_up_owned(owned)
+        elif component == "denoiser":
             if config.finetune == "lora":
-                lora = config.lora
-                parameters = self.generator.add_lora(lora.rank, lora.alpha, lora.target_modules, lora.dropout)
+                parameters = self._add_lora()
             else:
                 parameters = self.generator.enable_full_finetuning(snapshot_reference=self.objective.needs_reference)
             if config.gradient_checkpointing:
@@ -175,7 +178,12 @@ class Trainer:
                 raise ConfigError(f"objective {self.config.objective!r} runs on one process only")
             self.trained_module.requires_grad_(True).train()
             parameters = list(self.trained_module.parameters())
-        names = [n for n, p in self.trained_module.named_parameters() if p.requires_grad]
+        chosen = {id(p) for p in parameters}
+        names = [n for n, p in self.trained_module.named_parameters() if id(p) in chosen]
+        if len(names) != len(chosen):
+            raise TrainingError(f"objective {self.config.objective!r} trains parameters outside the {component}: "
+                                "checkpoints could not name them")
+        parameters = [dict(self.trained_module.named_parameters())[n] for n in names]
         if config.train_text_encoder:
             text_parameters = self._set_up_text_encoder_training()
             parameters = list(parameters) + list(text_parameters.values())
@@ -187,6 +195,30 @@ class Trainer:
         self.parameter_names = names
         if not parameters:
             raise TrainingError("nothing to train: no parameter requires grad")
+
+    def _add_lora(self) -> list[torch.nn.Parameter]:
+        lora = self.config.model.lora
+        self.trains_lora = True
+        return self.generator.add_lora(lora.rank, lora.alpha, lora.target_modules, lora.dropout)
+
+    def _set_up_owned(self, owned: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
+        """The objective's own new parameters (e.g. PPD's user branch), plus LoRA with ``options.train_lora``."""
+        config = self.config.model
+        if config.finetune != "lora":
+            raise ConfigError(f"objective {self.config.objective!r} trains its own new layers and keeps the model "
+                              f"frozen; model.finetune={config.finetune!r} would train the whole model: use lora "
+                              "(with options.train_lora to add LoRA on the base)")
+        if config.train_text_encoder:
+            raise ConfigError(f"model.train_text_encoder does not fit objective {self.config.objective!r}, which "
+                              "trains only its own layers")
+        for p in owned:
+            p.requires_grad_(True)
+        parameters = list(owned)
+        if getattr(self.objective.options, "train_lora", False):
+            parameters += self._add_lora()
+        if config.gradient_checkpointing:
+            self.generator.enable_gradient_checkpointing(denoiser=True, vae=False)
+        return parameters
 
     def _set_up_text_encoder_training(self) -> dict[str, torch.nn.Parameter]:
         """``model.train_text_encoder``: the text encoders train with the denoiser (full fine-tuning)."""
@@ -545,7 +577,9 @@ class Trainer:
     # ------------------------------------------------------------------------------ final save
 
     def save_final(self) -> Path | None:
-        """LoRA → ``output_dir/lora`` (``pipe.load_lora_weights`` reads it); full → ``output_dir/model``."""
+        """LoRA → ``output_dir/lora`` (``pipe.load_lora_weights`` reads it); full → ``output_dir/model``;
+        an objective's own layers → wherever its ``save_trained`` writes (PPD:
+        ``output_dir/user_branch.safetensors``; its path is returned, LoRA also saved when trained)."""
         self.accelerator.wait_for_everyone()
         path = None
         if self.is_main_process:
@@ -554,9 +588,13 @@ class Trainer:
                 self.ema.store(self.parameters)
                 self.ema.copy_to(self.parameters)
             try:
-                if self.config.model.finetune == "lora" and self.objective.trains == "denoiser":
-                    path = self.generator.save_lora(self.output_dir / "lora")
-                else:
+                owned = self.objective.trainable_parameters() is not None
+                if owned:
+                    path = self.objective.save_trained(self.output_dir)
+                if self.trains_lora:
+                    lora_path = self.generator.save_lora(self.output_dir / "lora")
+                    path = path or lora_path
+                elif not owned:
                     path = self.generator.save_pretrained(self.output_dir / "model")
             finally:
                 if use_ema:
