@@ -28,7 +28,7 @@ from .combinators import (
 )
 from .preprocess import ImagePreprocess
 from .registry import available, describe, load, load_pretrained, register
-from .video import FrameAverage, TemporalConsistency, VideoFromImage, segment_indices, temporal_weights
+from .video import FrameAverage, LearnedVideoReward, TemporalConsistency, VideoFromImage, segment_indices, temporal_weights
 
 _LAZY = {
     "ContrastiveReward": "rewards.clip",
@@ -48,7 +48,7 @@ __all__ = [
     "load", "load_pretrained", "available", "describe", "register",
     "WeightedSum", "Normalized", "EnsembleMean", "ParetoSelection", "UncertaintyWeighted", "RunningStats",
     "pareto_front", "pareto_indices",
-    "VideoFromImage", "FrameAverage", "TemporalConsistency", "segment_indices", "temporal_weights",
+    "VideoFromImage", "FrameAverage", "TemporalConsistency", "LearnedVideoReward", "segment_indices", "temporal_weights",
     *_LAZY,
 ]
 

@@ -62,9 +62,11 @@ _REGISTRY: dict[str, _Entry] = {
     "video-from-image": _Entry("rewards.video:build_video_from_image", "segmental frame sampling + temporal attenuation (InstructVideo)"),
     "frame-average": _Entry("rewards.video:build_frame_average", "mean of an image reward over every frame"),
     "temporal-consistency": _Entry("rewards.video:build_temporal_consistency", "similarity of consecutive frames"),
+    "learned-video": _Entry("rewards.video:build_learned_video_reward", "learned text-video scorer: frame CNN + temporal transformer + prompt"),
     "testbed-oracle": _Entry("visalign.testbed.oracle:OracleReward", "exact oracle of the visalign testbed"),
     "testbed-video-oracle": _Entry("visalign.testbed.video:VideoOracleReward", "exact oracle of the video testbed (motion, identity, smoothness)"),
     "testbed-reward": _Entry("visalign.testbed.reward_build:load_testbed_reward", "learned HPS-style reward of the visalign testbed (assets/testbed/reward)"),
+    "testbed-video-reward": _Entry("visalign.testbed.video_reward:load_testbed_video_reward", "learned video reward of the video testbed (assets/testbed/video_reward)"),
     "testbed-clip": _Entry("visalign.testbed.reward_build:load_testbed_clip", "learned CLIP-score-style reward of the visalign testbed (assets/testbed/clip)"),
 }
 
