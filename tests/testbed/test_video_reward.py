@@ -88,30 +88,35 @@ def _kind_pairs(kind, prompts, count, seed):
         video_module.mismatch_kinds = original
 
 
-def _learns(kind, steps, train_count):
+def _learns(kind, train_count, blocks, steps, lr):
+    """Train on ``kind`` pairs of direction prompts in ``blocks`` runs of ``steps`` (each a fresh
+    optimiser: warm restarts); returns held-out agreement before and after."""
     moving = [p for p in TRAIN if parse_video_prompt(p).category == "direction"]
     heldout = [spec.text for spec in video_prompts("heldout") if spec.category == "direction"]
     train, test = _kind_pairs(kind, moving, train_count, 0), _kind_pairs(kind, heldout, 96, 1)
     torch.manual_seed(0)
     reward = build_learned_video_reward()
     before = clip_pair_agreement(reward, test)["overall"]
-    history = train_video_reward(reward, train, VideoRewardBuildOptions(steps=steps, batch_size=32, lr=3e-3), progress=False)
+    for block in range(blocks):
+        train_video_reward(reward, train, VideoRewardBuildOptions(steps=steps, batch_size=32, lr=lr, seed=block),
+                           progress=False)
     assert all(not p.requires_grad for p in reward.parameters())  # frozen again
-    return before, clip_pair_agreement(reward, test)["overall"], history
+    return before, clip_pair_agreement(reward, test)["overall"]
 
 
 def test_training_learns_to_reject_teleports():
     """A short training on "jump" pairs (right direction, a teleport half-way) tells smooth clips
     from teleporting ones on held-out subjects, which the untrained reward cannot."""
-    before, after, history = _learns("jump", steps=150, train_count=512)  # lr 3e-3 (the default)
+    before, after = _learns("jump", 512, blocks=1, steps=150, lr=3e-3)
     assert after >= 0.85 and after > before + 0.25, (before, after)
 
 
 @pytest.mark.slow
 def test_training_learns_motion_direction():
-    """The direction of motion against the prompt's direction word (about 3 minutes): learned
-    late, after some 1,200 steps on direction pairs alone (benchmarks/RESULTS.md)."""
-    before, after, _ = _learns("direction", steps=1500, train_count=3000)
+    """The direction of motion against the prompt's direction word (about 4 minutes): learned late,
+    after a plateau of some 1,200 steps, and only with warm restarts (10 runs of 150 steps at lr
+    1e-3; one cosine run of 1,500 steps stays at chance: benchmarks/RESULTS.md)."""
+    before, after = _learns("direction", 3000, blocks=10, steps=150, lr=1e-3)
     assert after >= 0.75 and after > before + 0.2, (before, after)
 
 
