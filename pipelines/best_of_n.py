@@ -17,6 +17,7 @@ from visalign.models import Generator
 
 from .common import (
     RewardScorer,
+    check_prompt_context,
     SteeringDiagnostics,
     SteeringOutput,
     as_generator,
@@ -69,14 +70,21 @@ class BestOfN:
         latents: Tensor | None = None,
         output_type: str = "pt",
         progress: bool = False,
+        prompt_context: dict | None = None,
     ) -> SteeringOutput:
-        """Sample ``n`` images per prompt (``latents``: ``[P * n, ...]``, prompt-major) and keep the best."""
+        """Sample ``n`` images per prompt (``latents``: ``[P * n, ...]``, prompt-major) and keep the best.
+
+        ``prompt_context``: reward context with one entry per prompt (``{"user_embedding":
+        Tensor[P, U]}``); each of a prompt's ``n`` samples is scored with its prompt's entry.
+        """
         check_steps(num_inference_steps)
         elapsed = timer()
         prompts, expanded = expand_prompts(prompts, self.n)
         if latents is not None and latents.shape[0] != len(expanded):
             raise ValueError(f"latents have batch {latents.shape[0]}, expected prompts x n = {len(expanded)}")
-        scorer = RewardScorer(self.generator, self.reward, self.reward_context)
+        scorer = RewardScorer(self.generator, self.reward, self.reward_context,
+                              check_prompt_context(prompt_context, len(prompts)))
+        rows = torch.arange(len(prompts)).repeat_interleave(self.n)
         per_call = self.batch_size or len(prompts)  # prompts per sampler call
         all_latents, all_images, all_rewards = [], [], []
         for start in range(0, len(prompts), per_call):
@@ -89,7 +97,8 @@ class BestOfN:
                     num_images_per_prompt=self.n, generator=generator, latents=chunk_latents,
                     output_type="latent", progress=progress,
                 )
-            images, rewards = scorer(result.latents, expanded[start * self.n : (start + len(chunk)) * self.n])
+            span = slice(start * self.n, (start + len(chunk)) * self.n)
+            images, rewards = scorer(result.latents, expanded[span], rows[span])
             all_latents.append(result.latents)
             all_images.append(images)
             all_rewards.append(rewards)

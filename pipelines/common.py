@@ -65,6 +65,19 @@ def expand_prompts(prompts: str | Sequence[str], repeats: int) -> tuple[list[str
     return prompts, [p for p in prompts for _ in range(repeats)]
 
 
+def check_prompt_context(prompt_context: dict | None, num_prompts: int) -> dict:
+    """Validate per-prompt reward context: every value is a tensor with ``num_prompts`` rows
+    (e.g. ``{"user_embedding": Tensor[P, U]}``: one user per prompt)."""
+    checked = {}
+    for key, value in (prompt_context or {}).items():
+        value = torch.as_tensor(value)
+        if value.ndim == 0 or value.shape[0] != num_prompts:
+            raise ValueError(f"prompt_context[{key!r}] has shape {tuple(value.shape)}; it needs one entry per prompt "
+                             f"({num_prompts}) along its first dimension")
+        checked[key] = value
+    return checked
+
+
 def default_eta(generator: Generator) -> float:
     """The stochastic proposal's noise: DDIM eta 1.0 (the FK paper) for diffusion; the flow
     SDE's noise level 0.7 (Flow-GRPO's) for rectified flow."""
@@ -81,11 +94,17 @@ def signal_noise(generator: Generator, x_t: Tensor, t: Tensor) -> tuple[Tensor, 
 
 @dataclass
 class RewardScorer:
-    """Decode latents and score them: one call per evaluation, timed and counted."""
+    """Decode latents and score them: one call per evaluation, timed and counted.
+
+    ``context`` goes to every reward call unchanged; ``prompt_context`` holds values with one
+    entry per prompt (leading dimension ``P``), and each scored row gets its prompt's entry
+    through the ``rows`` index passed to the call (see :func:`check_prompt_context`).
+    """
 
     generator: Generator
     reward: Any
     context: dict = field(default_factory=dict)
+    prompt_context: dict = field(default_factory=dict)
     reward_evals: int = 0
     decode_evals: int = 0
     seconds: float = 0.0
@@ -94,9 +113,14 @@ class RewardScorer:
         self.decode_evals += latents.shape[0]
         return self.generator.decode(latents)
 
-    def score_images(self, images: Tensor, prompts: list[str]) -> Tensor:
+    def score_images(self, images: Tensor, prompts: list[str], rows: Tensor | None = None) -> Tensor:
         self.reward_evals += images.shape[0]
-        scores = self.reward(images, prompts, **self.context)
+        context = self.context
+        if self.prompt_context:
+            if rows is None or len(rows) != images.shape[0]:
+                raise RuntimeError("per-prompt reward context needs the prompt index of every scored image")
+            context = {**context, **{key: value[rows.to(value.device)] for key, value in self.prompt_context.items()}}
+        scores = self.reward(images, prompts, **context)
         scores = torch.as_tensor(scores)
         if scores.shape != (images.shape[0],):
             raise RuntimeError(
@@ -106,11 +130,12 @@ class RewardScorer:
         return scores.detach().float()
 
     @torch.no_grad()
-    def __call__(self, latents: Tensor, prompts: list[str]) -> tuple[Tensor, Tensor]:
-        """``(images, rewards)`` for latents ``[B, ...]``; rewards ``[B]`` fp32 on the latents' device."""
+    def __call__(self, latents: Tensor, prompts: list[str], rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``(images, rewards)`` for latents ``[B, ...]``; rewards ``[B]`` fp32 on the latents' device.
+        ``rows`` ``[B]``: the prompt index of each latent (for ``prompt_context``)."""
         start = time.perf_counter()
         images = self.images(latents)
-        scores = self.score_images(images, prompts).to(latents.device)
+        scores = self.score_images(images, prompts, rows).to(latents.device)
         self.seconds += time.perf_counter() - start
         return images, scores
 

@@ -46,6 +46,7 @@ from visalign.models import Generator, StepState
 
 from .common import (
     RewardScorer,
+    check_prompt_context,
     SteeringDiagnostics,
     SteeringOutput,
     as_generator,
@@ -205,6 +206,7 @@ class FKSteering:
         latents: Tensor | None = None,
         output_type: str = "pt",
         progress: bool = False,
+        prompt_context: dict | None = None,
     ) -> SteeringOutput:
         """Steer ``k`` particles for each prompt.
 
@@ -216,6 +218,9 @@ class FKSteering:
                 resampling draws.
             latents: initial noise ``[P * k, ...]`` (prompt-major), optional.
             output_type: ``"pt"`` or ``"pil"`` for ``images`` (particles stay tensors).
+            prompt_context: reward context with one entry per prompt (e.g. ``{"user_embedding":
+                Tensor[P, U]}``, a user per prompt); every particle of a prompt, and every x0 draw
+                of it, is scored with its prompt's entry. Not combined with ``guidance``.
         """
         check_steps(num_inference_steps)
         options = self.options
@@ -226,19 +231,24 @@ class FKSteering:
                 "so resampling only loses diversity; use eta > 0 (the default)", UserWarning, stacklevel=2,
             )
         prompts, _ = expand_prompts(prompts, k)
+        prompt_context = check_prompt_context(prompt_context, len(prompts))
+        if prompt_context and self.guidance is not None:
+            raise NotImplementedError("prompt_context with guidance: the guidance reward takes reward_context only")
         chunk = options.prompt_batch_size or len(prompts)
         elapsed = timer()
         parts = []
         for start in range(0, len(prompts), chunk):
             chunk_latents = None if latents is None else latents[start * k : (start + chunk) * k]
+            chunk_context = {key: value[start : start + chunk] for key, value in prompt_context.items()}
             parts.append(self._run(prompts[start : start + chunk], num_inference_steps, guidance_scale, negative_prompt,
-                                   height, width, generator, chunk_latents, progress, prompt_offset=start))
+                                   height, width, generator, chunk_latents, progress, prompt_offset=start,
+                                   prompt_context=chunk_context))
         return self._merge(parts, prompts, num_inference_steps, guidance_scale, output_type, elapsed())
 
     # ------------------------------------------------------------------ one batch of prompts
 
     def _run(self, prompts, num_steps, guidance_scale, negative_prompt, height, width, generator, latents, progress,
-             prompt_offset=0) -> dict:
+             prompt_offset=0, prompt_context=None) -> dict:
         options = self.options
         k, num_prompts = options.num_particles, len(prompts)
         expanded = [p for p in prompts for _ in range(k)]
@@ -249,7 +259,8 @@ class FKSteering:
         weights = ParticleWeights(num_prompts, k, options.potential, options.lmbda, options.weighting,
                                   options.resampling, options.ess_threshold, device=device)
         schedule = set(options.schedule(num_steps))
-        scorer = RewardScorer(self.generator, self.reward, self.reward_context)
+        scorer = RewardScorer(self.generator, self.reward, self.reward_context, prompt_context or {})
+        rows = torch.arange(num_prompts).repeat_interleave(k)  # the prompt of each particle (prompt-major)
         rng = _resampling_generator(generator)
         noise_rng = {}
         events: list[dict] = []
@@ -264,14 +275,14 @@ class FKSteering:
             """Intermediate rewards ``[P * k]`` from the x0-prediction (or m draws around it)."""
             m = options.num_x0_samples
             if m == 1:
-                return scorer(step.x0_pred, expanded)[1]
+                return scorer(step.x0_pred, expanded, rows)[1]
             a, s = signal_noise(self.generator, step.prev_latents, step.t)
             spread = (s / (a**2 + s**2).sqrt()).to(step.x0_pred.dtype)
             if device not in noise_rng:
                 noise_rng[device] = None if rng is None else torch.Generator(device=device).manual_seed(rng.initial_seed() + 1)
             noise = torch.randn((m, *step.x0_pred.shape), generator=noise_rng[device], device=device, dtype=step.x0_pred.dtype)
             draws = (step.x0_pred[None] + spread[None] * noise).flatten(0, 1)
-            scores = scorer(draws, expanded * m)[1].reshape(m, -1).double()
+            scores = scorer(draws, expanded * m, rows.repeat(m))[1].reshape(m, -1).double()
             if options.lmbda == 0:
                 return scores.mean(dim=0).float()
             return ((torch.logsumexp(options.lmbda * scores, dim=0) - math.log(m)) / options.lmbda).float()
@@ -284,7 +295,7 @@ class FKSteering:
                 return None
             is_final = step.index == num_steps - 1
             if is_final:
-                images, rewards = scorer(step.latents, expanded)
+                images, rewards = scorer(step.latents, expanded, rows)
             else:
                 rewards = x0_samples(step)
             update = weights.update(rewards.reshape(num_prompts, k), final=is_final,

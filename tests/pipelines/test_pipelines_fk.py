@@ -117,6 +117,34 @@ def test_reward_library_combinations_and_the_personal_reward(tiny_generator):
     assert torch.isfinite(out.particle_rewards).all() and out.particle_rewards.abs().max() <= 1.0 + 1e-5
 
 
+def test_per_prompt_reward_context_reaches_every_particle_and_x0_draw(tiny_generator):
+    """``prompt_context``: one user per prompt; every scored row sees its own prompt's user, in FK
+    (intermediate x0 draws, the final step, prompt chunks) and in best-of-N."""
+    from pipelines import BestOfN
+
+    seen = []
+
+    def by_user(images, prompts, user_id):
+        seen.append((list(prompts), user_id.tolist()))
+        return images.mean((1, 2, 3)) * user_id.float()
+
+    reward = FunctionReward(by_user, name="by-user", differentiable=True)
+    prompts = ["a red circle", "two blue squares", "a green triangle"]
+    users = torch.tensor([10, 20, 30])
+    owner = dict(zip(prompts, users.tolist()))
+    steer = FKSteering(tiny_generator("sd"), reward, num_particles=2, num_x0_samples=2, resample_start=0,
+                       resample_every=1, prompt_batch_size=2)
+    out = steer(prompts, num_inference_steps=3, generator=torch.Generator().manual_seed(0),
+                prompt_context={"user_id": users})
+    assert torch.isfinite(out.particle_rewards).all() and len(seen) == 2 * 3  # 2 chunks x (2 x0 steps + final)
+    BestOfN(tiny_generator("sd"), reward, n=2, batch_size=2)(prompts, num_inference_steps=2,
+                                                             prompt_context={"user_id": users})
+    for texts, ids in seen:
+        assert ids == [owner[text] for text in texts]
+    with pytest.raises(ValueError, match="one entry per prompt"):
+        steer(prompts, num_inference_steps=2, prompt_context={"user_id": users[:2]})
+
+
 def test_several_x0_samples_and_prompt_chunks(tiny_generator):
     generator = tiny_generator("sd3")
     reward = image_reward("sd3")
