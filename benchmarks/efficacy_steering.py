@@ -167,7 +167,8 @@ def combine(reports: list[dict]) -> dict:
 
 
 def table(report: dict) -> str:
-    lines = ["| method | held-out oracle accuracy | ± s.e. | quality | images |", "|---|---|---|---|---|"]
+    split = "held-out" if report.get("split", "heldout") == "heldout" else report["split"]
+    lines = [f"| method | {split} oracle accuracy | ± s.e. | quality | images |", "|---|---|---|---|---|"]
     for name, values in report["results"].items():
         lines.append(f"| {name} | {values['accuracy']:.3f} | {values['stderr']:.3f} | {values['quality']:.3f} | {values['images']} |")
     return "\n".join(lines)

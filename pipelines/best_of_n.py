@@ -17,11 +17,11 @@ from visalign.models import Generator
 
 from .common import (
     RewardScorer,
-    check_prompt_context,
     SteeringDiagnostics,
     SteeringOutput,
     as_generator,
     cfg_multiplier,
+    check_prompt_context,
     check_steps,
     expand_prompts,
     finish_output,

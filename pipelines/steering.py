@@ -46,12 +46,12 @@ from visalign.models import Generator, StepState
 
 from .common import (
     RewardScorer,
-    check_prompt_context,
     SteeringDiagnostics,
     SteeringOutput,
     as_generator,
     best_per_group,
     cfg_multiplier,
+    check_prompt_context,
     check_steps,
     default_eta,
     expand_prompts,

@@ -241,3 +241,8 @@ def test_recipe_carries_the_published_defaults():
                 "eta": 0.0, "segments": 4, "attenuation": 1.0, "reward": "hpsv2", "gradient_checkpointing": "steps"}
     assert {key: getattr(options, key) for key in expected} == expected
     assert config.model.finetune == "lora" and config.model.lora.rank == 4 and config.optim.lr == 1e-5
+
+
+def test_prompts_option_is_refused_since_captions_come_from_the_clips(generators, reward):
+    with pytest.raises(ConfigError, match="options.prompts is not used"):
+        InstructVideo(generators("modelscope"), InstructVideoOptions(prompts="testbed:heldout"), reward=reward)

@@ -201,6 +201,8 @@ class InstructVideo(RewardGradient):
             raise ConfigError(f"options.grad_steps must be at least 1, got {o.grad_steps}")
         if o.offset_noise < 0 or o.attenuation < 0:
             raise ConfigError("options.offset_noise and options.attenuation must not be negative")
+        if o.prompts != RewardGradOptions().prompts:
+            raise ConfigError("instructvideo takes its captions from options.videos; options.prompts is not used")
         if o.frame_sampling not in ("random", "middle"):
             raise ConfigError(f"options.frame_sampling must be random or middle, got {o.frame_sampling!r}")
         self.clips: ClipSet | None = None

@@ -160,6 +160,7 @@ class Trainer:
         component = self.objective.trains
         owned = self.objective.trainable_parameters()
         self.trains_lora = False
+        self.trains_owned = owned is not None
         if owned is not None:
             parameters = self._set_up_owned(owned)
         elif component == "denoiser":
@@ -179,11 +180,11 @@ class Trainer:
             self.trained_module.requires_grad_(True).train()
             parameters = list(self.trained_module.parameters())
         chosen = {id(p) for p in parameters}
-        names = [n for n, p in self.trained_module.named_parameters() if id(p) in chosen]
-        if len(names) != len(chosen):
+        named = [(n, p) for n, p in self.trained_module.named_parameters() if id(p) in chosen]
+        if len(named) != len(chosen):
             raise TrainingError(f"objective {self.config.objective!r} trains parameters outside the {component}: "
                                 "checkpoints could not name them")
-        parameters = [dict(self.trained_module.named_parameters())[n] for n in names]
+        names, parameters = [n for n, _ in named], [p for _, p in named]
         if config.train_text_encoder:
             text_parameters = self._set_up_text_encoder_training()
             parameters = list(parameters) + list(text_parameters.values())
@@ -588,13 +589,12 @@ class Trainer:
                 self.ema.store(self.parameters)
                 self.ema.copy_to(self.parameters)
             try:
-                owned = self.objective.trainable_parameters() is not None
-                if owned:
+                if self.trains_owned:
                     path = self.objective.save_trained(self.output_dir)
                 if self.trains_lora:
                     lora_path = self.generator.save_lora(self.output_dir / "lora")
                     path = path or lora_path
-                elif not owned:
+                elif not self.trains_owned:
                     path = self.generator.save_pretrained(self.output_dir / "model")
             finally:
                 if use_ema:
