@@ -1,6 +1,7 @@
 """`visalign testbed build quick=true` end to end, evaluation, RAFT and the quickstart job."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -129,6 +130,27 @@ def test_a_continued_build_trains_on_from_the_previous_models_and_keeps_its_reco
     drift = max((new[k].float() - old[k].float()).abs().max().item() for k in old)
     fresh = _fresh_unet_distance(out, old)
     assert 0 < drift < fresh
+
+
+def test_a_build_sized_in_minutes_probes_the_step_rate_and_records_the_steps_it_chose(quick_build, tmp_path):
+    from visalign.testbed import build as build_module
+
+    out, _ = quick_build
+    assets = tmp_path / "assets"
+    shutil.copytree(out / "assets", assets)
+    work = tmp_path / "work"
+    config = BuildConfig(quick=True, families=["sd"], init_from=str(assets), out=str(assets), work_dir=str(work),
+                         reward_family=None, denoiser_minutes=0.2)
+    built_with = build(config)["models"]["sd"]["built_with"]
+    rate, steps = built_with["steps_per_second"], built_with["denoiser_steps"]
+    assert rate > 0 and steps == max(build_module.PROBE_STEPS[1], int(rate * 0.2 * 60))
+    run = work / "sd-continue-run"
+    logged = [json.loads(line)["step"] for line in open(run / "logs" / "metrics.jsonl")]
+    assert logged[-1] == steps  # the real run trained the steps it recorded
+    assert not (work / "sd-continue-run-probe").exists()  # the probe's weights are discarded
+    with pytest.raises(ValueError, match="denoiser_minutes"):
+        build(BuildConfig(quick=True, families=["sd"], init_from=str(assets), out=str(assets),
+                          work_dir=str(work), reward_family=None, denoiser_minutes=0))
 
 
 def _fresh_unet_distance(out, old):

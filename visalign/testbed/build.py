@@ -53,6 +53,10 @@ class BuildConfig:
     vae_batch_size: int = field(32, help="VAE batch size")
     vae_lr: float = field(2e-3, help="VAE peak learning rate (cosine schedule)")
     denoiser_steps: int = field(3000, help="denoiser pretraining steps per family")
+    denoiser_minutes: float | None = field(None, help="instead of denoiser_steps: train each family for about this "
+                                                      "many minutes on this machine (a short probe run measures the "
+                                                      "step rate; the steps chosen are recorded in build.json)")
+    num_workers: int = field(0, help="DataLoader worker processes of the training runs (a GPU wants several)")
     train_text_encoder: bool = field(True, help="pretrain the (randomly initialised) text encoders with the "
                                                 "denoiser; frozen random ones condition too weakly")
     batch_size: int = field(32, help="denoiser batch size")
@@ -117,14 +121,14 @@ def render_dataset(directory: Path, num_images: int, caption_noise: float, seed:
 
 
 def _train(model_path: Path, objective: str, data: Path, out: Path, steps: int, batch_size: int, lr: float,
-           seed: int, options: dict, extra: list[str] = (), random_flip: bool = False) -> Path:
+           seed: int, options: dict, extra: list[str] = (), random_flip: bool = False, num_workers: int = 0) -> Path:
     from ..training import TrainConfig, train
 
     config = load_config(TrainConfig, data={
         "model": {"path": str(model_path), "finetune": "full"},
         "objective": objective,
         "options": options,
-        "data": {"format": "captions", "path": str(data), "random_flip": random_flip},
+        "data": {"format": "captions", "path": str(data), "random_flip": random_flip, "num_workers": num_workers},
         "optim": {"lr": lr, "lr_scheduler": "cosine", "warmup_steps": min(100, steps // 10), "weight_decay": 0.0},
         "batch_size": batch_size,
         "max_steps": steps,
@@ -147,7 +151,8 @@ def train_vae(config: BuildConfig, data: Path, work: Path) -> Path:
 
     initial = save_tiny_model("sd", work / "vae-init", seed=config.seed, size="testbed")
     trained = _train(initial, "autoencoder", data, work / "vae-run", config.vae_steps, config.vae_batch_size, config.vae_lr,
-                     config.seed, {"kl_weight": 1e-6}, ["ema.enabled=false"], random_flip=True)
+                     config.seed, {"kl_weight": 1e-6}, ["ema.enabled=false"], random_flip=True,
+                     num_workers=config.num_workers)
     generator = load_generator(trained)
     images = _load_images(data, 512)
     scale = latent_scaling_factor(generator, images)
@@ -165,8 +170,9 @@ def _load_images(captions: Path, count: int) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
 
 
-def pretrain(config: BuildConfig, family: str, vae_dir: Path, data: Path, work: Path) -> Path:
-    """Pretrain ``family`` from scratch with the trained VAE; returns the trained model folder."""
+def pretrain(config: BuildConfig, family: str, vae_dir: Path, data: Path, work: Path) -> tuple[Path, dict]:
+    """Pretrain ``family`` from scratch with the trained VAE; returns the trained model folder and
+    the run's size (:func:`_sft`)."""
     from diffusers import AutoencoderKL
 
     from ..models.tiny import build_tiny_pipeline
@@ -182,17 +188,54 @@ def pretrain(config: BuildConfig, family: str, vae_dir: Path, data: Path, work: 
     return _sft(config, initial, data, work / f"{family}-run")
 
 
-def _sft(config: BuildConfig, initial: Path, data: Path, out: Path) -> Path:
+PROBE_STEPS = (10, 40)  # the rate is measured between these two steps of a probe run
+
+
+def _sft(config: BuildConfig, initial: Path, data: Path, out: Path) -> tuple[Path, dict]:
+    """Pretrain ``initial`` with ``sft``; returns the trained folder and ``{"denoiser_steps": N}``
+    (with the probe's ``steps_per_second`` when ``config.denoiser_minutes`` sized the run)."""
+    steps, size = config.denoiser_steps, {}
+    if config.denoiser_minutes is not None:
+        if config.denoiser_minutes <= 0:
+            raise ValueError(f"denoiser_minutes must be positive, got {config.denoiser_minutes}")
+        rate = _probe_rate(config, initial, data, out.with_name(out.name + "-probe"))
+        steps = max(PROBE_STEPS[1], int(rate * config.denoiser_minutes * 60))
+        size["steps_per_second"] = round(rate, 3)
+        logger.info("probe: %.2f steps/s; training %d steps (~%.1f min)", rate, steps, config.denoiser_minutes)
+    size["denoiser_steps"] = steps
+    return _sft_run(config, initial, data, out, steps), size
+
+
+def _sft_run(config: BuildConfig, initial: Path, data: Path, out: Path, steps: int, log_every: int = 50) -> Path:
     # No flips: a mirrored image turns "left of" into "right of" and would corrupt position captions.
-    return _train(initial, "sft", data, out, config.denoiser_steps, config.batch_size, config.lr, config.seed,
+    return _train(initial, "sft", data, out, steps, config.batch_size, config.lr, config.seed,
                   {"prompt_dropout": 0.1},
-                  ["ema.enabled=true", "ema.decay=0.999", f"model.train_text_encoder={str(config.train_text_encoder).lower()}"],
-                  random_flip=False)
+                  ["ema.enabled=true", "ema.decay=0.999", f"model.train_text_encoder={str(config.train_text_encoder).lower()}",
+                   f"log_every={log_every}"],
+                  random_flip=False, num_workers=config.num_workers)
 
 
-def continue_from(config: BuildConfig, family: str, previous: Path, data: Path, work: Path) -> Path:
+def _probe_rate(config: BuildConfig, initial: Path, data: Path, out: Path) -> float:
+    """Steps per second of this build's ``sft`` run on this machine: a short run of the same
+    configuration, timed between two logged steps (so loading and the first, slower steps do
+    not count). The probe's weights are discarded."""
+    first, last = PROBE_STEPS
+    if out.exists():
+        shutil.rmtree(out)
+    _sft_run(config, initial, data, out, last, log_every=first)
+    records = [json.loads(line) for line in open(out / "logs" / "metrics.jsonl")]
+    rates = {record["step"]: record["steps_per_second"] for record in records if "steps_per_second" in record}
+    if first not in rates or last not in rates:
+        raise RuntimeError(f"probe run {out} logged no step rate at steps {first} and {last}")
+    elapsed = last / rates[last] - first / rates[first]
+    shutil.rmtree(out)
+    return (last - first) / elapsed
+
+
+def continue_from(config: BuildConfig, family: str, previous: Path, data: Path, work: Path) -> tuple[Path, dict]:
     """Continue pretraining ``previous`` (a shipped, possibly fp16, model folder) for
-    ``config.denoiser_steps`` more steps; returns the trained model folder."""
+    ``config.denoiser_steps`` more steps (or ``denoiser_minutes``); returns the trained model
+    folder and the run's size."""
     from ..models import load_generator
 
     initial = work / f"{family}-continue-init"
@@ -239,15 +282,15 @@ def build(config: BuildConfig) -> dict:
     for family in config.families:
         mark = time.perf_counter()
         if previous is None:
-            trained = pretrain(config, family, vae_dir, data, work)
+            trained, size = pretrain(config, family, vae_dir, data, work)
         else:
-            trained = continue_from(config, family, previous / family, data, work)
+            trained, size = continue_from(config, family, previous / family, data, work)
         timings[f"{family}_s"] = time.perf_counter() - mark
         shipped = ship(trained, out / family)
         mark = time.perf_counter()
         summary["models"][family] = evaluate_base(config, shipped)
         summary["models"][family]["built_with"] = {
-            "denoiser_steps": config.denoiser_steps, "batch_size": config.batch_size, "lr": config.lr,
+            **size, "batch_size": config.batch_size, "lr": config.lr,
             "train_text_encoder": config.train_text_encoder, "init_from": config.init_from}
         timings[f"{family}_eval_s"] = time.perf_counter() - mark
     if config.reward_family and config.rewards:
@@ -286,7 +329,7 @@ def evaluate_base(config: BuildConfig, model: Path) -> dict:
     from ..models import load_generator
     from .prompts import load_prompts
 
-    generator = load_generator(model)
+    generator = load_generator(model, device="cuda" if torch.cuda.is_available() else None)  # fp32 either way
     prompts = [record.prompt for record in load_prompts("heldout")][: config.eval_prompts]
     report = evaluate(generator, prompts, images_per_prompt=config.eval_images_per_prompt,
                       num_inference_steps=config.eval_steps, guidance_scale=config.guidance_scale, seed=config.seed)
