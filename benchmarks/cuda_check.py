@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -103,7 +104,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="sampling steps")
     parser.add_argument("--train-steps", type=int, default=60, help="training steps per precision")
     parser.add_argument("--out", default=None, help="also write the results as JSON here")
+    parser.add_argument("--no-sampling", action="store_true", help="skip the sampling checks")
+    parser.add_argument("--train-one", nargs=2, metavar=("PRECISION", "DATA"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.train_one:  # a child process: accelerate fixes mixed_precision once per process
+        print("RESULT " + json.dumps(check_training(args.train_one[0], Path(args.train_one[1]), args.train_steps)))
+        return
     if not torch.cuda.is_available():
         print("cuda_check: no CUDA device; nothing to check")
         return
@@ -112,14 +118,20 @@ def main() -> None:
     print(f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}, CUDA {torch.version.cuda}")
     prompts = [record.prompt for record in load_prompts("heldout")][: args.prompts]
     results = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "sampling": {}, "training": {}}
-    for family in ("sd", "sd3"):
+    for family in () if args.no_sampling else ("sd", "sd3"):
         results["sampling"][family] = check_sampling(family, prompts, args.steps)
         for name, row in results["sampling"][family].items():
             print(f"sample {family:4s} {name}: {row}")
     with tempfile.TemporaryDirectory() as work:
         data = render_dataset(Path(work) / "data", 2048, 0.3, seed=0)
         for precision in ("no", "bf16", "fp16"):
-            results["training"][precision] = check_training(precision, data, args.train_steps)
+            child = subprocess.run([sys.executable, __file__, "--train-one", precision, str(data),
+                                    "--train-steps", str(args.train_steps)], capture_output=True, text=True)
+            lines = [line for line in child.stdout.splitlines() if line.startswith("RESULT ")]
+            if child.returncode != 0 or not lines:
+                results["training"][precision] = {"error": child.stderr.strip().splitlines()[-1:]}
+            else:
+                results["training"][precision] = json.loads(lines[-1][len("RESULT "):])
             print(f"train sd mixed_precision={precision}: {results['training'][precision]}")
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))
