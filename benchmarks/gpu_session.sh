@@ -11,6 +11,11 @@
 #
 #   bash benchmarks/gpu_session.sh "$OUT" 2.0            # ~8 minutes on one H200
 #   FAMILIES='[sd]' BATCH=1024 SMOKE=0 BENCH=0 bash benchmarks/gpu_session.sh "$OUT" 3.0 300
+#   MODE=scratch SIZE=testbed-wide SMOKE=0 BENCH=0 bash benchmarks/gpu_session.sh "$OUT" 3.0 560
+# EXTRA adds build arguments (EXTRA=quick=true: a local smoke run of this script).
+# MODE=scratch builds new models from scratch (VAE included) and returns each family's whole
+# folder as OUT/<family>.tar; its build.json is the new run's alone (merge the rewards' entries
+# and the earlier `builds` back by hand before shipping).
 #
 # Python packages the device image lacks travel as wheels in .whl/ (see the device tool's README).
 set -uo pipefail
@@ -21,7 +26,7 @@ families=${FAMILIES:-[sd,sd3]}
 mkdir -p "$out"
 exec > >(tee -a "$out/gpu.log") 2>&1
 export PYTHONPATH=$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TQDM_MININTERVAL=20
-if [ -d .whl ]; then
+if [ -d .whl ] && [ "${WHEELS:-1}" = 1 ]; then  # WHEELS=0: use the installed packages
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site:$PWD
 fi
@@ -33,18 +38,25 @@ if [ "${SMOKE:-1}" = 1 ]; then
   python3 -m visalign.cli testbed build quick=true out=/tmp/smoke/assets work_dir=/tmp/smoke/work reward_family=null || exit 2
 fi
 
-echo "== continued build, $minutes min per family ($SECONDS s)"
 rm -rf /tmp/gpu-assets && cp -r assets/testbed /tmp/gpu-assets
-python3 -m visalign.cli testbed build init_from=/tmp/gpu-assets out=/tmp/gpu-assets work_dir=/tmp/gpu-work \
-  "families=$families" denoiser_minutes="$minutes" batch_size="${BATCH:-256}" num_workers=12 num_images=16000 \
-  eval_images_per_prompt=4 reward_family=null || exit 3
-cp /tmp/gpu-assets/build.json "$out/"
-for family in $(echo "$families" | tr -d '[] ' | tr ',' ' '); do
-  case $family in sd) denoiser=unet; encoders="text_encoder";; sd3) denoiser=transformer; encoders="text_encoder text_encoder_2";; esac
-  mkdir -p "$out/$family"
-  cp "/tmp/gpu-assets/$family/$denoiser/diffusion_pytorch_model.safetensors" "$out/$family/$denoiser.safetensors"
-  for encoder in $encoders; do cp "/tmp/gpu-assets/$family/$encoder/model.safetensors" "$out/$family/$encoder.safetensors"; done
-done
+common=("families=$families" denoiser_minutes="$minutes" batch_size="${BATCH:-256}" num_workers=12 num_images=16000
+        eval_images_per_prompt=4 reward_family=null out=/tmp/gpu-assets work_dir=/tmp/gpu-work ${EXTRA:-})
+if [ "${MODE:-continue}" = scratch ]; then
+  echo "== from-scratch build, size ${SIZE:-testbed}, $minutes min per family ($SECONDS s)"
+  python3 -m visalign.cli testbed build "${common[@]}" size="${SIZE:-testbed}" || exit 3
+  cp /tmp/gpu-assets/build.json "$out/"
+  for family in $(echo "$families" | tr -d '[] ' | tr ',' ' '); do tar cf "$out/$family.tar" -C /tmp/gpu-assets "$family"; done
+else
+  echo "== continued build, $minutes min per family ($SECONDS s)"
+  python3 -m visalign.cli testbed build init_from=/tmp/gpu-assets "${common[@]}" || exit 3
+  cp /tmp/gpu-assets/build.json "$out/"
+  for family in $(echo "$families" | tr -d '[] ' | tr ',' ' '); do
+    case $family in sd) denoiser=unet; encoders="text_encoder";; sd3) denoiser=transformer; encoders="text_encoder text_encoder_2";; esac
+    mkdir -p "$out/$family"
+    cp "/tmp/gpu-assets/$family/$denoiser/diffusion_pytorch_model.safetensors" "$out/$family/$denoiser.safetensors"
+    for encoder in $encoders; do cp "/tmp/gpu-assets/$family/$encoder/model.safetensors" "$out/$family/$encoder.safetensors"; done
+  done
+fi
 
 echo "== cuda_check ($SECONDS s)"
 left=$((budget - SECONDS))

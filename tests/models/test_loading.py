@@ -23,6 +23,32 @@ def test_offline_tokenizer_matches_openai_clip_ids_and_reloads(tmp_path):
     assert len(tokenizer) == 49408
 
 
+def test_a_compact_clip_tokenizer_keeps_clips_first_ids_and_splits_rarer_words(tmp_path):
+    from transformers import CLIPTokenizer
+
+    from visalign.models.tokenizer import clip_vocab_size
+
+    build_clip_tokenizer(tmp_path, num_merges=1000)
+    tokenizer = CLIPTokenizer.from_pretrained(tmp_path)
+    full = CLIPTokenizer.from_pretrained(_full_tokenizer(tmp_path.parent / "full"))
+    assert len(tokenizer) == clip_vocab_size(1000) == 1514
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_id) == (1512, 1513)  # the last two ids
+    # Words whose CLIP ids lie below 512 + 1000 keep them; rarer ones split into several pieces.
+    for word in ("a", "red", "and", "of"):
+        assert tokenizer(word, add_special_tokens=False).input_ids == full(word, add_special_tokens=False).input_ids
+    circle = tokenizer("circle", add_special_tokens=False).input_ids
+    assert len(circle) > 1 and max(circle) < 1512
+    text = "a zebra-striped circle!"  # no word is out of vocabulary: it decodes as the full tokenizer's does
+    assert tokenizer.decode(tokenizer(text).input_ids, skip_special_tokens=True) == full.decode(full(text).input_ids, skip_special_tokens=True)
+    with pytest.raises(ValueError, match="num_merges"):
+        build_clip_tokenizer(tmp_path / "bad", num_merges=-1)
+
+
+def _full_tokenizer(path):
+    build_clip_tokenizer(path)
+    return path
+
+
 def test_folder_without_model_index_is_named(tmp_path):
     with pytest.raises(ModelLoadError, match="no model_index.json"):
         load_generator(tmp_path)

@@ -162,6 +162,39 @@ def _fresh_unet_distance(out, old):
     return max((state[k].float() - old[k].float()).abs().max().item() for k in old)
 
 
+def test_a_wide_build_ships_wider_denoisers_on_a_compact_vocabulary_in_small_folders(tmp_path):
+    from visalign.models import load_generator
+    from visalign.models.tiny import WIDE_NUM_MERGES
+    from visalign.models.tokenizer import clip_vocab_size
+
+    out = tmp_path / "assets"
+    build(BuildConfig(quick=True, families=["sd", "sd3"], size="testbed-wide", out=str(out), work_dir=str(tmp_path / "work"),
+                      reward_family=None))
+    vocabulary = clip_vocab_size(WIDE_NUM_MERGES)
+    for family, denoiser, encoders in (("sd", "unet", ["text_encoder"]), ("sd3", "transformer", ["text_encoder", "text_encoder_2"])):
+        folder = out / family
+        assert sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) < 12.5e6  # the testbed size's are 10-18 MB
+        generator = load_generator(folder)
+        pipe = generator.pipe
+        assert len(pipe.tokenizer) == vocabulary == 8192
+        width = {"sd": 64, "sd3": 32 * 4}[family]
+        assert (pipe.unet.config.block_out_channels[0] if family == "sd" else
+                pipe.transformer.config.num_attention_heads * pipe.transformer.config.attention_head_dim) == width
+        for name in encoders:
+            encoder = getattr(pipe, name)
+            assert encoder.config.vocab_size == vocabulary and encoder.config.eos_token_id == vocabulary - 1
+            tokens = pipe.tokenizer(["a red circle", "two blue squares"], padding="max_length", max_length=77,
+                                    return_tensors="pt").input_ids
+            with torch.no_grad():
+                output = encoder(tokens)
+            pooled = output.text_embeds if hasattr(output, "text_embeds") else output.pooler_output
+            # Pooled at each prompt's EOS: a wrong EOS id would pool the BOS token, the same for every prompt.
+            assert not torch.allclose(pooled[0], pooled[1])
+        assert generator.sample(["a red circle"], num_inference_steps=2).images.shape == (1, 3, 32, 32)
+    with pytest.raises(ValueError, match="size"):
+        build(BuildConfig(quick=True, families=["sd"], size="huge", out=str(out), work_dir=str(tmp_path / "work")))
+
+
 def test_continuing_from_a_folder_without_models_is_a_clear_error(tmp_path):
     config = BuildConfig(quick=True, families=["sd"], init_from=str(tmp_path / "nothing"), out=str(tmp_path / "out"),
                          work_dir=str(tmp_path / "work"), reward_family=None)

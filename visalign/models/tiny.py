@@ -19,23 +19,30 @@ import torch
 TINY_FAMILIES = ("sd", "sd-v", "sdxl", "sd3", "modelscope", "wan")  # the last two: tiny_video.py
 
 _TEXT_WIDTH = 32
+SIZES = ("tiny", "testbed", "testbed-wide")
+# testbed-wide: a wider denoiser and text encoders (64 wide) on a compact CLIP vocabulary (its
+# first merges, 8,192 ids in all), so the shipped folders stay small: the full vocabulary's
+# token table and tokenizer file are most of a narrow model's bytes.
+_WIDE_TEXT_WIDTH = 64
+WIDE_NUM_MERGES = 8192 - 514
 
 
-def _clip_text_config(projection_dim: int | None = None):
+def _clip_text_config(projection_dim: int | None = None, vocab_size: int = 49408, width: int = _TEXT_WIDTH):
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
-        vocab_size=49408,
-        hidden_size=_TEXT_WIDTH,
-        intermediate_size=64,
+        vocab_size=vocab_size,
+        hidden_size=width,
+        intermediate_size=2 * width,
         num_hidden_layers=2,
         num_attention_heads=4,
         max_position_embeddings=77,
         hidden_act="quick_gelu",
-        projection_dim=projection_dim or _TEXT_WIDTH,
-        bos_token_id=49406,
-        eos_token_id=49407,
-        pad_token_id=49407,
+        projection_dim=projection_dim or width,
+        # CLIP's special tokens are the vocabulary's last two ids (the pooled output reads EOS).
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1,
     )
 
 
@@ -94,7 +101,7 @@ def build_tiny_components(family: str, seed: int = 0, tokenizer_dir: str | os.Pa
     )
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    from .tokenizer import build_clip_tokenizer
+    from .tokenizer import build_clip_tokenizer, clip_vocab_size
 
     if family not in TINY_FAMILIES:
         raise ValueError(f"unknown tiny family {family!r}; expected one of {TINY_FAMILIES}")
@@ -106,18 +113,35 @@ def build_tiny_components(family: str, seed: int = 0, tokenizer_dir: str | os.Pa
         import tempfile
 
         tokenizer_dir = tempfile.mkdtemp(prefix="visalign-tok-")
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {SIZES}, got {size!r}")
+    wide = size == "testbed-wide"
+    num_merges = WIDE_NUM_MERGES if wide else None
     tokenizer_dir = Path(tokenizer_dir)
+    tokenizer = None
     if (tokenizer_dir / "vocab.json").exists():
         tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
-    else:
-        tokenizer = build_clip_tokenizer(tokenizer_dir)
+        if len(tokenizer) != clip_vocab_size(num_merges):  # a folder left by a build of another size
+            tokenizer = None
+    if tokenizer is None:
+        tokenizer = build_clip_tokenizer(tokenizer_dir, num_merges=num_merges)
+    text = dict(vocab_size=clip_vocab_size(num_merges), width=_WIDE_TEXT_WIDTH if wide else _TEXT_WIDTH)
 
-    if size not in ("tiny", "testbed"):
-        raise ValueError(f"size must be 'tiny' or 'testbed', got {size!r}")
-    testbed = size == "testbed"
+    testbed = size in ("testbed", "testbed-wide")
     torch.manual_seed(seed)
     latent_size = 16 if testbed else 8
-    if family in ("sd", "sd-v") and testbed:
+    if family in ("sd", "sd-v") and wide:
+        unet = UNet2DConditionModel(**tiny_unet_kwargs(
+            sample_size=latent_size,
+            block_out_channels=(64, 128),
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=_WIDE_TEXT_WIDTH,
+            attention_head_dim=32,
+            norm_num_groups=32,
+            use_linear_projection=family == "sd-v",
+        ))
+    elif family in ("sd", "sd-v") and testbed:
         unet = UNet2DConditionModel(**tiny_unet_kwargs(
             sample_size=latent_size,
             down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
@@ -137,7 +161,7 @@ def build_tiny_components(family: str, seed: int = 0, tokenizer_dir: str | os.Pa
         return dict(
             unet=unet,
             vae=_tiny_vae(testbed=testbed),
-            text_encoder=CLIPTextModel(_clip_text_config()),
+            text_encoder=CLIPTextModel(_clip_text_config(**text)),
             tokenizer=tokenizer,
             scheduler=scheduler,
             safety_checker=None,
@@ -178,24 +202,25 @@ def build_tiny_components(family: str, seed: int = 0, tokenizer_dir: str | os.Pa
             force_zeros_for_empty_prompt=True,
         )
     # sd3
+    layers, head_dim, heads, caption = {"tiny": (2, 16, 2, 32), "testbed": (4, 24, 4, 96), "testbed-wide": (6, 32, 4, 128)}[size]
     transformer = SD3Transformer2DModel(
         sample_size=latent_size,
         patch_size=2,
         in_channels=4,
         out_channels=4,
-        num_layers=2 if not testbed else 4,
-        attention_head_dim=16 if not testbed else 24,
-        num_attention_heads=2 if not testbed else 4,
-        joint_attention_dim=2 * _TEXT_WIDTH,  # the two CLIP widths concatenated (T5 absent)
-        caption_projection_dim=32 if not testbed else 96,
-        pooled_projection_dim=2 * _TEXT_WIDTH,
+        num_layers=layers,
+        attention_head_dim=head_dim,
+        num_attention_heads=heads,
+        joint_attention_dim=2 * text["width"],  # the two CLIP widths concatenated (T5 absent)
+        caption_projection_dim=caption,
+        pooled_projection_dim=2 * text["width"],
         pos_embed_max_size=16,
     )
     return dict(
         transformer=transformer,
         vae=_tiny_vae(flow=True, testbed=testbed),
-        text_encoder=CLIPTextModelWithProjection(_clip_text_config()),
-        text_encoder_2=CLIPTextModelWithProjection(_clip_text_config()),
+        text_encoder=CLIPTextModelWithProjection(_clip_text_config(**text)),
+        text_encoder_2=CLIPTextModelWithProjection(_clip_text_config(**text)),
         text_encoder_3=None,
         tokenizer=tokenizer,
         tokenizer_2=tokenizer,

@@ -45,6 +45,9 @@ class BuildConfig:
     out: str = field(str(ASSETS), help="where the models and build.json go")
     work_dir: str = field("runs/testbed-build", help="rendered data, training runs (not shipped)")
     families: list[str] = field(default_factory=lambda: ["sd", "sd3"], help="families to pretrain")
+    size: str = field("testbed", help="network size of a from-scratch build: testbed (the shipped models) or "
+                                      "testbed-wide (4x wider denoisers, 64-wide text encoders on a compact "
+                                      "CLIP vocabulary; visalign.models.tiny); init_from keeps the previous size")
     quick: bool = field(False, help="a few steps of everything (tests, smoke runs)")
     seed: int = field(0, help="seed of data, initialisation and training")
     num_images: int = field(8000, help="rendered training images")
@@ -177,7 +180,7 @@ def pretrain(config: BuildConfig, family: str, vae_dir: Path, data: Path, work: 
 
     from ..models.tiny import build_tiny_pipeline
 
-    pipe = build_tiny_pipeline(family, seed=config.seed, tokenizer_dir=work / f"{family}-tokenizer", size="testbed")
+    pipe = build_tiny_pipeline(family, seed=config.seed, tokenizer_dir=work / f"{family}-tokenizer", size=config.size)
     vae = AutoencoderKL.from_pretrained(vae_dir)
     if family == "sd3":
         vae.register_to_config(shift_factor=0.0)  # SD3 pipelines read it; SD ones ignore it
@@ -266,6 +269,10 @@ def build(config: BuildConfig) -> dict:
     start = time.perf_counter()
     out, work = Path(config.out), Path(config.work_dir)
     previous = Path(config.init_from) if config.init_from else None
+    from ..models.tiny import SIZES
+
+    if config.size not in SIZES[1:]:
+        raise ValueError(f"size must be one of {SIZES[1:]}, got {config.size!r}")
     for family in config.families if previous is not None else ():
         if not (previous / family / "model_index.json").exists():
             raise FileNotFoundError(f"init_from: {previous / family} is not a diffusers model folder (no "
