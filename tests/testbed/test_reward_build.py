@@ -149,8 +149,9 @@ def test_shipped_clip_reward_reads_captions_but_not_colour_binding():
 @pytest.mark.slow
 def test_shipped_reward_agrees_with_the_oracle_on_heldout_base_samples():
     """The documented figure (b): on pairs of base-model samples of held-out prompts where the
-    oracle passes one and fails the other, the HPS-style reward prefers the right one in 0.72 of
-    57 pairs (reward_build.json); recomputed here from the same seeds."""
+    oracle passes one and fails the other, the HPS-style reward prefers the right one (0.72 of 57
+    pairs on the session-1 model it was built on; 0.65 of 106 on the model shipped since session 6,
+    ``heldout_samples_current_base`` in reward_build.json); recomputed here from the same seeds."""
     from visalign.models import load_generator
     from visalign.testbed.reward_build import sample_and_read, sample_agreement
 
@@ -162,5 +163,6 @@ def test_shipped_reward_agrees_with_the_oracle_on_heldout_base_samples():
     samples = sample_and_read(generator, prompts, options["eval_samples_per_prompt"], options["sample_steps"],
                               options["guidance_scale"], summary["seed"] + 2)
     figures = sample_agreement(rewards.load("testbed-reward"), samples, options["eval_samples_per_prompt"])
-    assert figures["correctness"] == pytest.approx(summary["heldout_samples"]["correctness"], abs=0.06), figures
+    documented = summary.get("heldout_samples_current_base", summary["heldout_samples"])
+    assert figures["correctness"] == pytest.approx(documented["correctness"], abs=0.06), figures
     assert figures["correctness"] >= 0.6

@@ -34,7 +34,8 @@ def test_shipped_model_reaches_its_documented_heldout_accuracy(family):
 
     documented = BUILD["models"][family]["heldout_accuracy"]
     prompts = [record.prompt for record in load_prompts("heldout")]
-    report = evaluate(load_generator(ASSETS / family), prompts, images_per_prompt=2, num_inference_steps=20,
+    images_per_prompt = BUILD["models"][family].get("eval_images_per_prompt", 2)
+    report = evaluate(load_generator(ASSETS / family), prompts, images_per_prompt=images_per_prompt, num_inference_steps=20,
                       guidance_scale=4.0, seed=0, keep_images=False)
     # Same seeds as the build's evaluation; the tolerance covers float differences across machines.
     assert abs(report.accuracy - documented) <= 0.03
