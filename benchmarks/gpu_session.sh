@@ -17,7 +17,10 @@
 # folder as OUT/<family>.tar; its build.json is the new run's alone (merge the rewards' entries
 # and the earlier `builds` back by hand before shipping).
 #
-# Python packages the device image lacks travel as wheels in .whl/ (see the device tool's README).
+# Python packages the device image lacks travel as wheels in .whl/ (see the device tool's README);
+# in session 6 (torch 2.11, transformers 5.17 there) these were enough, for cp312 manylinux:
+#   diffusers==0.42.1 open_clip_torch==3.3.0 ftfy wcwidth datasets==5.2.0 dill multiprocess
+#   pydantic pydantic_core annotated-types typing-inspection importlib_metadata   (about 12 MB)
 set -uo pipefail
 out=${1:?usage: gpu_session.sh OUT [MINUTES_PER_FAMILY] [BUDGET_S]}
 minutes=${2:-2.0}
