@@ -44,6 +44,18 @@ def test_a_compact_clip_tokenizer_keeps_clips_first_ids_and_splits_rarer_words(t
         build_clip_tokenizer(tmp_path / "bad", num_merges=-1)
 
 
+@pytest.mark.parametrize("family", ["sd", "sdxl", "sd3"])
+def test_every_text_encoder_reads_eos_where_its_tokenizer_puts_it_at_every_size(family, tmp_path):
+    from visalign.models.tiny import build_tiny_components
+
+    parts = build_tiny_components(family, tokenizer_dir=tmp_path, size="testbed-wide")
+    eos = parts["tokenizer"].eos_token_id
+    assert eos == len(parts["tokenizer"]) - 1 == 8191
+    for name in ("text_encoder", "text_encoder_2"):
+        if parts.get(name) is not None:
+            assert parts[name].config.eos_token_id == eos and parts[name].config.vocab_size == eos + 1, name
+
+
 def _full_tokenizer(path):
     build_clip_tokenizer(path)
     return path

@@ -177,9 +177,9 @@ def test_a_wide_build_ships_wider_denoisers_on_a_compact_vocabulary_in_small_fol
         generator = load_generator(folder)
         pipe = generator.pipe
         assert len(pipe.tokenizer) == vocabulary == 8192
-        width = {"sd": 64, "sd3": 32 * 4}[family]
-        assert (pipe.unet.config.block_out_channels[0] if family == "sd" else
-                pipe.transformer.config.num_attention_heads * pipe.transformer.config.attention_head_dim) == width
+        config = getattr(pipe, denoiser).config
+        width = config.block_out_channels[0] if family == "sd" else config.num_attention_heads * config.attention_head_dim
+        assert width == {"sd": 64, "sd3": 32 * 4}[family]
         for name in encoders:
             encoder = getattr(pipe, name)
             assert encoder.config.vocab_size == vocabulary and encoder.config.eos_token_id == vocabulary - 1

@@ -192,8 +192,10 @@ def build_tiny_components(family: str, seed: int = 0, tokenizer_dir: str | os.Pa
         return dict(
             unet=unet,
             vae=_tiny_vae(),
-            text_encoder=CLIPTextModel(_clip_text_config()),
-            text_encoder_2=CLIPTextModelWithProjection(_clip_text_config()),
+            # Its widths stay the tiny ones at every size; the vocabulary follows the tokenizer's
+            # (the special tokens are its last two ids).
+            text_encoder=CLIPTextModel(_clip_text_config(vocab_size=text["vocab_size"])),
+            text_encoder_2=CLIPTextModelWithProjection(_clip_text_config(vocab_size=text["vocab_size"])),
             tokenizer=tokenizer,
             tokenizer_2=tokenizer,
             scheduler=scheduler,

@@ -197,16 +197,16 @@ PROBE_STEPS = (10, 40)  # the rate is measured between these two steps of a prob
 def _sft(config: BuildConfig, initial: Path, data: Path, out: Path) -> tuple[Path, dict]:
     """Pretrain ``initial`` with ``sft``; returns the trained folder and ``{"denoiser_steps": N}``
     (with the probe's ``steps_per_second`` when ``config.denoiser_minutes`` sized the run)."""
-    steps, size = config.denoiser_steps, {}
+    steps, sizing = config.denoiser_steps, {}
     if config.denoiser_minutes is not None:
         if config.denoiser_minutes <= 0:
             raise ValueError(f"denoiser_minutes must be positive, got {config.denoiser_minutes}")
         rate = _probe_rate(config, initial, data, out.with_name(out.name + "-probe"))
         steps = max(PROBE_STEPS[1], int(rate * config.denoiser_minutes * 60))
-        size["steps_per_second"] = round(rate, 3)
+        sizing["steps_per_second"] = round(rate, 3)
         logger.info("probe: %.2f steps/s; training %d steps (~%.1f min)", rate, steps, config.denoiser_minutes)
-    size["denoiser_steps"] = steps
-    return _sft_run(config, initial, data, out, steps), size
+    sizing["denoiser_steps"] = steps
+    return _sft_run(config, initial, data, out, steps), sizing
 
 
 def _sft_run(config: BuildConfig, initial: Path, data: Path, out: Path, steps: int, log_every: int = 50) -> Path:
@@ -273,6 +273,8 @@ def build(config: BuildConfig) -> dict:
 
     if config.size not in SIZES[1:]:
         raise ValueError(f"size must be one of {SIZES[1:]}, got {config.size!r}")
+    if previous is not None and config.size != "testbed":
+        logger.warning("size=%s is ignored: a build continued from init_from keeps its models' size", config.size)
     for family in config.families if previous is not None else ():
         if not (previous / family / "model_index.json").exists():
             raise FileNotFoundError(f"init_from: {previous / family} is not a diffusers model folder (no "
@@ -289,15 +291,15 @@ def build(config: BuildConfig) -> dict:
     for family in config.families:
         mark = time.perf_counter()
         if previous is None:
-            trained, size = pretrain(config, family, vae_dir, data, work)
+            trained, sizing = pretrain(config, family, vae_dir, data, work)
         else:
-            trained, size = continue_from(config, family, previous / family, data, work)
+            trained, sizing = continue_from(config, family, previous / family, data, work)
         timings[f"{family}_s"] = time.perf_counter() - mark
         shipped = ship(trained, out / family)
         mark = time.perf_counter()
         summary["models"][family] = evaluate_base(config, shipped)
         summary["models"][family]["built_with"] = {
-            **size, "batch_size": config.batch_size, "lr": config.lr,
+            **sizing, "batch_size": config.batch_size, "lr": config.lr,
             "train_text_encoder": config.train_text_encoder, "init_from": config.init_from}
         timings[f"{family}_eval_s"] = time.perf_counter() - mark
     if config.reward_family and config.rewards:
