@@ -1,5 +1,6 @@
 """The Generator seam: one interface over SD 1.x/2.x, SDXL and SD3-style flow models, and the
-text-to-video families ModelScope T2V (``modelscope``) and Wan 2.1 (``wan``).
+text-to-video families ModelScope T2V (``modelscope``), SD + AnimateDiff (``animatediff``) and
+Wan 2.1 (``wan``).
 
 >>> from visalign.models import load_generator
 >>> generator = load_generator("assets/testbed/sd")          # or a hub id / single file
@@ -11,7 +12,13 @@ from .diffusion import DiffusionGenerator, StableDiffusionGenerator, StableDiffu
 from .errors import ModelLoadError
 from .flow import FlowGenerator, StableDiffusion3Generator
 from .loading import describe_model, detect_family, load_generator, parse_dtype
-from .video import ModelScopeGenerator, VideoGenerator, WanGenerator
+from .video import (
+    AnimateDiffGenerator,
+    ModelScopeGenerator,
+    StableDiffusionVideoGenerator,
+    VideoGenerator,
+    WanGenerator,
+)
 
 # Family name -> Generator class. A new family is one file plus one entry here.
 FAMILIES: dict[str, type[Generator]] = {
@@ -19,6 +26,7 @@ FAMILIES: dict[str, type[Generator]] = {
     "sdxl": StableDiffusionXLGenerator,
     "sd3": StableDiffusion3Generator,
     "modelscope": ModelScopeGenerator,
+    "animatediff": AnimateDiffGenerator,
     "wan": WanGenerator,
 }
 
@@ -29,6 +37,7 @@ def register_family(name: str, generator_class: type[Generator]) -> None:
 
 
 __all__ = [
+    "AnimateDiffGenerator",
     "Cond",
     "DiffusionGenerator",
     "FAMILIES",
@@ -39,6 +48,7 @@ __all__ = [
     "SampleOutput",
     "StableDiffusion3Generator",
     "StableDiffusionGenerator",
+    "StableDiffusionVideoGenerator",
     "StableDiffusionXLGenerator",
     "StepOutput",
     "StepState",

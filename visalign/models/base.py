@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import inspect
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -254,24 +255,33 @@ class Generator:
         from .loading import detect_family, pipeline_class_for
 
         family = detect_family(path, **{k: kwargs[k] for k in ("revision", "local_files_only") if k in kwargs})
-        if cls.family and family != cls.family:
-            raise ModelLoadError(
-                f"{path} holds a {family!r} model, not {cls.family!r}; load it with "
-                f"visalign.models.load_generator({str(path)!r}) or the {family!r} family class"
-            )
+        cls._check_folder_family(path, family, kwargs)
         from .loading import read_model_index
 
+        pipeline_class = pipeline_class_for(cls.family or family)
         # Components saved as null (SD3 without T5, no safety checker) must be passed as None.
         index = read_model_index(path, **{k: kwargs[k] for k in ("revision", "local_files_only") if k in kwargs})
-        absent = {name: None for name, spec in index.items() if isinstance(spec, list) and spec[0] is None}
+        components = inspect.signature(pipeline_class.__init__).parameters
+        absent = {name: None for name, spec in index.items()
+                  if isinstance(spec, list) and spec[0] is None and name in components}
         load_kwargs = {**absent, **cls._load_kwargs(), **kwargs}
         from .loading import dtype_kwargs
 
         load_kwargs = {**dtype_kwargs(torch_dtype), **load_kwargs}
-        pipe = pipeline_class_for(family).from_pretrained(path, **load_kwargs)
+        pipe = pipeline_class.from_pretrained(path, **load_kwargs)
         generator = cls(pipe, device=device)
         generator.set_attention(attention)
         return generator
+
+    @classmethod
+    def _check_folder_family(cls, path: str | os.PathLike, family: str, kwargs: dict) -> None:
+        """Refuse a folder whose ``model_index.json`` names another family (``family``);
+        ``kwargs`` are the loading keywords (AnimateDiff takes an SD folder with a motion adapter)."""
+        if cls.family and family != cls.family:
+            raise ModelLoadError(
+                f"{path} holds a {family!r} model, not {cls.family!r} (asked for family={cls.family!r}); load it "
+                f"with visalign.models.load_generator({str(path)!r}) or the {family!r} family class"
+            )
 
     @classmethod
     def from_single_file(

@@ -214,27 +214,33 @@ def load_generator(
     torch_dtype: torch.dtype | str | None = None,
     device: torch.device | str | None = None,
     attention: str = "auto",
+    motion_adapter=None,
     **kwargs,
 ):
     """Load any supported model as a :class:`~visalign.models.Generator`.
 
     ``path``: a diffusers folder, a hub repo id, or an original-layout single ``.safetensors``
     file. ``family`` (``"sd"``, ``"sdxl"``, ``"sd3"``, or the video families ``"modelscope"``,
-    ``"wan"``) is detected when omitted; when given for a folder, a mismatch is an error.
-    ``torch_dtype`` may be a string (``"float16"``, ``"bf16"``, ...). Video families also take
-    ``num_frames``, ``height`` and ``width``: the clip size sampled by default.
-    """
-    from . import FAMILIES
+    ``"animatediff"``, ``"wan"``) is detected when omitted; when given for a folder, a mismatch
+    is an error. ``torch_dtype`` may be a string (``"float16"``, ``"bf16"``, ...). Video
+    families also take ``num_frames``, ``height`` and ``width``: the clip size sampled by default.
 
+    ``motion_adapter`` (a ``MotionAdapter``, its folder or hub id) makes the ``animatediff``
+    family of an SD 1.5 folder: ``load_generator(sd15, motion_adapter="guoyww/animatediff-motion-adapter-v1-5-2")``.
+    """
     torch_dtype = parse_dtype(torch_dtype)
+    if motion_adapter is not None:
+        family = family or "animatediff"
+        if family != "animatediff":
+            raise ModelLoadError(f"motion_adapter= belongs to family='animatediff' (SD + AnimateDiff), not family={family!r}")
+        kwargs["motion_adapter"] = motion_adapter
     local = Path(path)
     if local.is_file():
         family = family or infer_single_file_family(local)
         return _family_class(family).from_single_file(local, torch_dtype=torch_dtype, device=device, attention=attention, **kwargs)
-    detected = detect_family(path, **{k: kwargs[k] for k in ("revision", "local_files_only") if k in kwargs})
-    if family is not None and family != detected:
-        raise ModelLoadError(f"{path} holds a {detected!r} model but family={family!r} was asked for")
-    return FAMILIES[detected].from_pretrained(path, torch_dtype=torch_dtype, device=device, attention=attention, **kwargs)
+    family = family or detect_family(path, **{k: kwargs[k] for k in ("revision", "local_files_only") if k in kwargs})
+    # The family class refuses a folder of another family (AnimateDiff takes SD with an adapter).
+    return _family_class(family).from_pretrained(path, torch_dtype=torch_dtype, device=device, attention=attention, **kwargs)
 
 
 def _family_class(family: str):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-TINY_FAMILIES = ("sd", "sd-v", "sdxl", "sd3", "modelscope", "wan")  # the last two: tiny_video.py
+TINY_FAMILIES = ("sd", "sd-v", "sdxl", "sd3", "modelscope", "animatediff", "wan")  # the last three: tiny_video.py
 
 _TEXT_WIDTH = 32
 SIZES = ("tiny", "testbed", "testbed-wide")
@@ -239,6 +239,7 @@ PIPELINE_CLASSES = {
     "sdxl": "StableDiffusionXLPipeline",
     "sd3": "StableDiffusion3Pipeline",
     "modelscope": "TextToVideoSDPipeline",
+    "animatediff": "AnimateDiffPipeline",
     "wan": "WanPipeline",
 }
 

@@ -6,14 +6,20 @@ The same diffusers/transformers classes as the real checkpoints:
   ``UNet3DConditionModel`` (2D spatial blocks plus temporal convolutions and temporal
   attention), the per-frame SD ``AutoencoderKL``, a CLIP text encoder and DDIM. Its spatial
   backbone has the widths and blocks of the tiny ``sd`` UNet, so the two compare per frame.
+- ``animatediff``: SD + AnimateDiff layout (``AnimateDiffPipeline``): the tiny ``sd`` UNet
+  (``UNet2DConditionModel``) and a tiny ``MotionAdapter`` of the same widths and blocks, which
+  the pipeline joins into a ``UNetMotionModel``; the per-frame SD ``AutoencoderKL``, a CLIP text
+  encoder and DDIM. :func:`build_tiny_motion_adapter` alone fits the tiny ``sd`` model, the
+  real-world recipe (an SD 1.5 model plus a published motion adapter) in small.
 - ``wan``: Wan 2.1 layout (``WanPipeline``): ``WanTransformer3DModel`` (a rectified-flow DiT
   over (frame, height, width) patches), the causal 3D ``AutoencoderKLWan`` (4x temporal and 4x
   spatial compression here; 8x spatial in the real one), a ``UMT5EncoderModel`` text encoder
   and ``FlowMatchEulerDiscreteScheduler``. The real Wan ships a T5 tokenizer; the tiny one
   uses the project's offline CLIP BPE tokenizer (the pipeline only calls ``tokenizer(...)``).
 
-Sizes: 32x32 frames; ``modelscope`` any number of frames (8 by default), ``wan`` ``4k + 1``
-frames (9 by default: 3 latent frames), the causal VAE's constraint.
+Sizes: 32x32 frames; ``modelscope`` any number of frames (8 by default), ``animatediff`` up to
+32 (the adapter's ``motion_max_seq_length``; 8 by default), ``wan`` ``4k + 1`` frames (9 by
+default: 3 latent frames), the causal VAE's constraint.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-TINY_VIDEO_FAMILIES = ("modelscope", "wan")
+TINY_VIDEO_FAMILIES = ("modelscope", "animatediff", "wan")
 
 _TEXT_WIDTH = 32
 
@@ -54,6 +60,8 @@ def build_tiny_video_components(family: str, seed: int = 0, tokenizer_dir: str |
     torch.manual_seed(seed)
     if family == "modelscope":
         return _modelscope(tokenizer)
+    if family == "animatediff":
+        return _animatediff(tokenizer)
     return _wan(tokenizer)
 
 
@@ -75,6 +83,49 @@ def _modelscope(tokenizer) -> dict:
         text_encoder=CLIPTextModel(_clip_text_config()),
         tokenizer=tokenizer,
         scheduler=scheduler,
+    )
+
+
+def build_tiny_motion_adapter(seed: int | None = None):
+    """A random-init ``MotionAdapter`` that fits the tiny ``sd`` UNet (two levels of 32/64
+    channels, one layer per block) as ``guoyww/animatediff-motion-adapter-v1-5-2`` fits SD 1.5.
+    Its temporal attention runs over at most 32 frames (``motion_max_seq_length``)."""
+    from diffusers import MotionAdapter
+
+    from .tiny import tiny_unet_kwargs
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    unet = tiny_unet_kwargs()
+    return MotionAdapter(
+        block_out_channels=unet["block_out_channels"],
+        motion_layers_per_block=unet["layers_per_block"],
+        motion_num_attention_heads=2,
+        motion_norm_num_groups=unet["norm_num_groups"],
+        motion_max_seq_length=32,
+        use_motion_mid_block=True,
+    )
+
+
+def _animatediff(tokenizer) -> dict:
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from .tiny import SD_BETAS, _clip_text_config, _tiny_vae, tiny_unet_kwargs
+
+    # The tiny sd UNet; AnimateDiffPipeline joins it with the adapter into a UNetMotionModel.
+    unet = UNet2DConditionModel(**tiny_unet_kwargs(
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    ))
+    return dict(
+        unet=unet,
+        motion_adapter=build_tiny_motion_adapter(),
+        vae=_tiny_vae(),
+        text_encoder=CLIPTextModel(_clip_text_config()),
+        tokenizer=tokenizer,
+        # AnimateDiff's published inference schedule: SD's betas on a linear (not scaled) ramp.
+        scheduler=DDIMScheduler(**{**SD_BETAS, "beta_schedule": "linear"}),
     )
 
 

@@ -1,11 +1,15 @@
 """Text-to-video generators behind the same Generator seam as images.
 
-Two families:
+Three families:
 
 - ``modelscope`` (:class:`ModelScopeGenerator`): the DDPM-family video UNet of ModelScope T2V
   and zeroscope (diffusers ``TextToVideoSDPipeline``, ``UNet3DConditionModel``). It is SD with
   temporal layers: the same CLIP prompt encoding, the same DDIM math, and SD's 2D VAE applied
   to each frame. InstructVideo (ALGORITHMS.md §11) fine-tunes this model.
+- ``animatediff`` (:class:`AnimateDiffGenerator`): SD 1.5 with an AnimateDiff motion adapter
+  (diffusers ``AnimateDiffPipeline``, ``UNetMotionModel``), the other DDPM-family video UNet;
+  it shares everything but the denoiser call with ``modelscope``
+  (:class:`StableDiffusionVideoGenerator`).
 - ``wan`` (:class:`WanGenerator`): the rectified-flow video DiT of Wan 2.1 (diffusers
   ``WanPipeline``, ``WanTransformer3DModel``, the causal 3D ``AutoencoderKLWan``, a UMT5 text
   encoder): the flow math of SD3 with Wan's prompt encoding and denoiser call.
@@ -16,7 +20,7 @@ Conventions, on top of the image ones (docs/architecture.md):
   returns, :meth:`encode` takes and video rewards score.
 - Latents keep each family's native layout, ``[B, C, F_latent, h, w]`` (channels before
   frames, as the 3D networks take them), so a seed gives the video the plain diffusers
-  pipeline gives. ``F_latent`` is ``F`` for ``modelscope`` and ``(F - 1) / 4 + 1`` for ``wan``,
+  pipeline gives. ``F_latent`` is ``F`` for the UNets and ``(F - 1) / 4 + 1`` for ``wan``,
   whose VAE compresses time 4x and therefore needs ``F = 4k + 1`` frames.
 - Every method of the seam (``add_noise``, ``target``, ``predict``, ``step``, ``sample``,
   ``reference``, LoRA, ...) is the image family's, unchanged: they are written over any
@@ -33,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -40,6 +45,7 @@ from torch import Tensor
 
 from .base import Cond, Generator, SampleOutput, to_pil
 from .diffusion import StableDiffusionGenerator
+from .errors import ModelLoadError
 from .flow import FlowGenerator
 
 
@@ -169,7 +175,35 @@ def _with_peft_adapters(cls: type) -> type:
     return type(cls.__name__, (cls, PeftAdapterMixin), {"__module__": cls.__module__, "__qualname__": cls.__qualname__})
 
 
-class ModelScopeGenerator(VideoGenerator, StableDiffusionGenerator):
+class StableDiffusionVideoGenerator(VideoGenerator, StableDiffusionGenerator):
+    """What the DDPM-family video families share: SD with temporal layers. SD's CLIP prompt
+    encoding and DDIM math, latents ``[B, 4, F, h, w]``, and SD's 2D VAE applied to each frame
+    (``decode_chunk_size`` frames per VAE call)."""
+
+    @classmethod
+    def _load_kwargs(cls) -> dict:
+        return {}  # no safety checker in the video pipelines
+
+    def encode(self, images: Tensor, generator: torch.Generator | None = None, sample: bool = True) -> Tensor:
+        """Videos ``[B, F, 3, H, W]`` in [0, 1] → latents ``[B, C, F, h, w]`` (each frame by SD's VAE)."""
+        self._check_videos(images)
+        batch, frames = images.shape[:2]
+        latents = torch.cat([
+            StableDiffusionGenerator.encode(self, chunk, generator=generator, sample=sample)
+            for chunk in self._chunks(images.flatten(0, 1))
+        ])
+        return latents.unflatten(0, (batch, frames)).transpose(1, 2)
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """Latents ``[B, C, F, h, w]`` → videos ``[B, F, 3, H, W]`` in [0, 1], ``decode_chunk_size``
+        frames per VAE call. Differentiable in the latents."""
+        batch, frames = latents.shape[0], latents.shape[2]
+        flat = latents.transpose(1, 2).flatten(0, 1)
+        images = torch.cat([StableDiffusionGenerator.decode(self, chunk) for chunk in self._chunks(flat)])
+        return images.unflatten(0, (batch, frames))
+
+
+class ModelScopeGenerator(StableDiffusionVideoGenerator):
     """ModelScope T2V / zeroscope (``TextToVideoSDPipeline``): SD's CLIP encoder and DDIM math,
     a ``UNet3DConditionModel`` over latents ``[B, 4, F, h, w]``, SD's VAE frame by frame.
 
@@ -195,28 +229,6 @@ class ModelScopeGenerator(VideoGenerator, StableDiffusionGenerator):
         if not isinstance(self.denoiser, PeftAdapterMixin):
             self.denoiser.__class__ = _with_peft_adapters(type(self.denoiser))
 
-    @classmethod
-    def _load_kwargs(cls) -> dict:
-        return {}  # no safety checker in this pipeline
-
-    def encode(self, images: Tensor, generator: torch.Generator | None = None, sample: bool = True) -> Tensor:
-        """Videos ``[B, F, 3, H, W]`` in [0, 1] → latents ``[B, C, F, h, w]`` (each frame by SD's VAE)."""
-        self._check_videos(images)
-        batch, frames = images.shape[:2]
-        latents = torch.cat([
-            StableDiffusionGenerator.encode(self, chunk, generator=generator, sample=sample)
-            for chunk in self._chunks(images.flatten(0, 1))
-        ])
-        return latents.unflatten(0, (batch, frames)).transpose(1, 2)
-
-    def decode(self, latents: Tensor) -> Tensor:
-        """Latents ``[B, C, F, h, w]`` → videos ``[B, F, 3, H, W]`` in [0, 1], ``decode_chunk_size``
-        frames per VAE call. Differentiable in the latents."""
-        batch, frames = latents.shape[0], latents.shape[2]
-        flat = latents.transpose(1, 2).flatten(0, 1)
-        images = torch.cat([StableDiffusionGenerator.decode(self, chunk) for chunk in self._chunks(flat)])
-        return images.unflatten(0, (batch, frames))
-
     def enable_gradient_checkpointing(self, denoiser: bool = True, vae: bool = True) -> None:
         self._checkpoint_denoiser = denoiser
         if vae:
@@ -228,6 +240,147 @@ class ModelScopeGenerator(VideoGenerator, StableDiffusionGenerator):
 
             return checkpoint(super()._denoise, denoiser, x_t, t, cond, use_reentrant=False)
         return super()._denoise(denoiser, x_t, t, cond)
+
+
+class AnimateDiffGenerator(StableDiffusionVideoGenerator):
+    """SD 1.5 + AnimateDiff (``AnimateDiffPipeline``): an SD UNet joined with a motion adapter's
+    temporal transformers into a ``UNetMotionModel`` over latents ``[B, 4, F, h, w]``; SD's CLIP
+    encoder, DDIM math and VAE frame by frame.
+
+    Two ways in: a saved ``AnimateDiffPipeline`` folder (``load_generator(folder)``), or an SD
+    model plus a motion adapter (``load_generator(sd15, motion_adapter=adapter)``; see
+    :meth:`from_pretrained`). The adapter's weights live in the UNet once joined, so the
+    generator drops the pipeline's second copy (``pipe.motion_adapter`` is ``None``; a saved
+    folder holds the motion modules in ``unet/`` only); ``denoiser.save_motion_modules(path)``
+    writes them as an adapter again.
+
+    ``UNetMotionModel`` has diffusers' PEFT adapter mixin and block-level gradient
+    checkpointing, so LoRA (spatial and temporal attention alike) and
+    ``enable_gradient_checkpointing`` are the base Generator's. Clips have at most
+    ``motion_max_seq_length`` frames (32 for the published adapters), the length of the
+    temporal attention's position table.
+    """
+
+    family = "animatediff"
+    pipeline_class_names = ("AnimateDiffPipeline",)
+    family_defaults = (16, 512, 512)  # the pipeline's num_frames; height from the UNet's sample_size
+
+    def __init__(self, pipe, device=None):
+        super().__init__(pipe, device=device)
+        pipe.motion_adapter = None
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, motion_adapter=None,
+                        torch_dtype: torch.dtype | None = None, **kwargs) -> "AnimateDiffGenerator":
+        """Load a saved ``AnimateDiffPipeline`` folder or hub repo, or an SD 1.x model (folder or
+        repo id) plus ``motion_adapter``: a ``MotionAdapter``, its folder or its hub repo id
+        (``guoyww/animatediff-motion-adapter-v1-5-2``).
+
+        With an SD model, the scheduler becomes DDIM on the SD betas with AnimateDiff's
+        ``beta_schedule="linear"``, the schedule the published adapters were trained and are run
+        with (as in diffusers' AnimateDiff examples); pass ``scheduler=`` to keep another. Other
+        keywords are :meth:`VideoGenerator.from_pretrained`'s.
+        """
+        from .loading import detect_family
+
+        hub = {k: kwargs[k] for k in ("revision", "local_files_only") if k in kwargs}
+        family = detect_family(path, **hub)
+        if motion_adapter is not None and family == "animatediff":
+            raise ModelLoadError(
+                f"{path} is an AnimateDiff model that already holds its motion modules; motion_adapter= goes "
+                f"with an SD model folder or repo id"
+            )
+        cls._check_folder_family(path, family, {**kwargs, "motion_adapter": motion_adapter})
+        if motion_adapter is not None:
+            from diffusers import DDIMScheduler, UNet2DConditionModel
+
+            motion_adapter = load_motion_adapter(motion_adapter, torch_dtype=torch_dtype, **hub)
+            check_motion_adapter(motion_adapter, UNet2DConditionModel.load_config(path, subfolder="unet", **hub),
+                                 f"the UNet of {path}")
+            kwargs["motion_adapter"] = motion_adapter
+            if "scheduler" not in kwargs:
+                config = DDIMScheduler.load_config(path, subfolder="scheduler", **hub)
+                kwargs["scheduler"] = DDIMScheduler.from_config(config, beta_schedule="linear", clip_sample=False)
+        return super().from_pretrained(path, torch_dtype=torch_dtype, **kwargs)
+
+    @classmethod
+    def _check_folder_family(cls, path, family: str, kwargs: dict) -> None:
+        if family == "sd":
+            if kwargs.get("motion_adapter") is None:
+                raise ModelLoadError(
+                    f"{path} is a Stable Diffusion ('sd') model, which has no motion modules: AnimateDiff adds them "
+                    f"from a motion adapter, motion_adapter=<a MotionAdapter folder or hub id, e.g. "
+                    f"'guoyww/animatediff-motion-adapter-v1-5-2'>"
+                )
+            return
+        super()._check_folder_family(path, family, kwargs)
+
+    def check_num_frames(self, num_frames: int) -> None:
+        super().check_num_frames(num_frames)
+        limit = self.denoiser.config.motion_max_seq_length
+        if num_frames > limit:
+            raise ValueError(
+                f"this AnimateDiff motion module attends over at most {limit} frames (motion_max_seq_length), "
+                f"got num_frames={num_frames}"
+            )
+
+    def _denoise(self, denoiser, x_t, t, cond):
+        # UNetMotionModel folds the frames into the batch ([B * F, C, h, w]) and takes one text
+        # state per frame, as AnimateDiffPipeline repeats them.
+        return super()._denoise(denoiser, x_t, t, cond.repeat_interleave(x_t.shape[2]))
+
+
+def load_motion_adapter(source, torch_dtype: torch.dtype | None = None, **kwargs):
+    """A diffusers ``MotionAdapter`` from a folder or hub repo id (returned as is if it is one);
+    a clear error when ``source`` is not a motion adapter."""
+    from diffusers import MotionAdapter
+
+    from .loading import dtype_kwargs
+
+    if isinstance(source, MotionAdapter):
+        return source
+    try:
+        config = MotionAdapter.load_config(str(source), **kwargs)
+    except Exception as error:  # OSError or a hub error, by version: name the source either way
+        if (Path(source) / "model_index.json").exists():
+            raise ModelLoadError(f"{source} is a pipeline folder, not a motion adapter; an AnimateDiff pipeline's "
+                                 f"adapter is in its motion_adapter/ subfolder") from None
+        raise ModelLoadError(
+            f"cannot read the motion adapter {str(source)!r} ({error}); expected a MotionAdapter folder (config.json "
+            f"and diffusion_pytorch_model.safetensors) or a hub id such as 'guoyww/animatediff-motion-adapter-v1-5-2'"
+        ) from None
+    if config.get("_class_name") != "MotionAdapter":
+        raise ModelLoadError(
+            f"{source} holds a {config.get('_class_name')!r}, not a MotionAdapter (an AnimateDiff motion module)"
+        )
+    return MotionAdapter.from_pretrained(str(source), **dtype_kwargs(torch_dtype), **kwargs)
+
+
+def check_motion_adapter(adapter, unet_config: dict, unet_name: str) -> None:
+    """Refuse a motion adapter that does not fit an SD UNet (``unet_config``), naming the field.
+
+    diffusers' ``UNetMotionModel.from_unet2d`` checks the block and layer counts only; other
+    mismatches surface as a size mismatch deep inside ``load_state_dict``.
+    """
+    config = adapter.config
+    blocks = len(unet_config["block_out_channels"])
+
+    def per_block(value):
+        return tuple(value) if isinstance(value, (list, tuple)) else (value,) * blocks
+
+    fields = {
+        "block_out_channels": (tuple(config.block_out_channels), tuple(unet_config["block_out_channels"])),
+        "layers per block": (per_block(config.motion_layers_per_block), per_block(unet_config["layers_per_block"])),
+    }
+    for name, (adapter_value, unet_value) in fields.items():
+        if adapter_value != unet_value:
+            raise ModelLoadError(
+                f"the motion adapter does not fit {unet_name}: its {name} are {adapter_value}, the UNet's "
+                f"{unet_value} (an adapter fits the SD version it was trained on, e.g. v1-5 adapters SD 1.x)"
+            )
+    if config.conv_in_channels:
+        raise ModelLoadError("the motion adapter replaces the UNet's input convolution (PIA, image-to-video); "
+                             "text-to-video AnimateDiff adapters do not")
 
 
 class WanGenerator(VideoGenerator, FlowGenerator):
