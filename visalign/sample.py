@@ -18,7 +18,8 @@ class SampleConfig:
     model: str = field(help="diffusers folder, hub repo id, or single .safetensors file")
     prompts: list[str] = field(default_factory=list, help="prompts (prompts='a red circle' or '[a, b]')")
     prompt_file: str | None = field(None, help="text file with one prompt per line (added to prompts)")
-    family: str | None = field(None, help="sd, sdxl, sd3, modelscope or wan; detected when omitted")
+    family: str | None = field(None, help="sd, sdxl, sd3, modelscope, animatediff or wan; detected when omitted")
+    motion_adapter: str | None = field(None, help="an AnimateDiff motion adapter (folder or hub id) on top of an SD model")
     lora: str | None = field(None, help="LoRA weights (diffusers format) to load on top of the model")
     num_images_per_prompt: int = field(4, help="images per prompt (one grid row each)")
     steps: int = field(20, help="sampling steps")
@@ -84,7 +85,8 @@ def run_sample(config: SampleConfig) -> dict:
 
         check_steer_config(config)
     device = resolve_device(config.device)
-    generator = load_generator(config.model, family=config.family, torch_dtype=resolve_dtype(config.dtype, device), device=device)
+    generator = load_generator(config.model, family=config.family, torch_dtype=resolve_dtype(config.dtype, device), device=device,
+                               motion_adapter=config.motion_adapter)
     if config.lora:
         generator.load_lora(config.lora)
     if generator.is_video:

@@ -19,7 +19,8 @@ class LoraConfig:
 @configclass
 class ModelConfig:
     path: str = field(help="diffusers folder, hub repo id, or single .safetensors file")
-    family: str | None = field(None, help="sd, sdxl or sd3 (detected when omitted)")
+    family: str | None = field(None, help="sd, sdxl, sd3, modelscope, animatediff or wan (detected when omitted)")
+    motion_adapter: str | None = field(None, help="an AnimateDiff motion adapter (folder or hub id) on top of an SD model")
     finetune: str = field("lora", help="lora (adapters; reference = adapters off) or full (reference = frozen copy)")
     lora: LoraConfig = field(default_factory=LoraConfig)
     dtype: str = field("auto", help="dtype of the frozen weights: auto (= mixed precision dtype), float32, float16, bfloat16")

@@ -148,7 +148,7 @@ class Trainer:
 
             self.generator = load_generator(
                 config.path, family=config.family, torch_dtype=self._weight_dtype(), device=self.device,
-                attention=config.attention,
+                attention=config.attention, motion_adapter=config.motion_adapter,
             )
         else:
             self.generator.to(self.device)
