@@ -1,10 +1,11 @@
-"""The video families (ModelScope T2V UNet, Wan flow DiT) behind the Generator seam.
+"""The video families (ModelScope T2V UNet, SD + AnimateDiff, Wan flow DiT) behind the Generator seam.
 
 What holds for the image families holds here, on clips ``[B, F, 3, H, W]``: a seed gives the
 plain diffusers pipeline's video; the noise-process identities; stored stochastic transitions
 re-evaluate to their sampling log-probability; gradient reaches the decoded frames only through
 the chosen steps; the LoRA reference is the base model. Plus what is video's own: the frame
-count, chunked VAE decoding, and Wan's scheduler and frame-count rules.
+count, chunked VAE decoding, Wan's scheduler and frame-count rules, and AnimateDiff's two ways in
+(a saved pipeline; an SD model plus a motion adapter).
 """
 
 import json
@@ -14,10 +15,17 @@ import diffusers
 import pytest
 import torch
 
-from visalign.models import ModelScopeGenerator, WanGenerator, describe_model, load_generator
+from visalign.models import (
+    AnimateDiffGenerator,
+    ModelLoadError,
+    ModelScopeGenerator,
+    WanGenerator,
+    describe_model,
+    load_generator,
+)
 
-FAMILIES = ["modelscope", "wan"]
-FRAMES = {"modelscope": 8, "wan": 9}
+FAMILIES = ["modelscope", "animatediff", "wan"]
+FRAMES = {"modelscope": 8, "animatediff": 8, "wan": 9}
 PROMPTS = ["a red circle moving left", "a blue square moving up"]
 
 
@@ -43,12 +51,16 @@ def _perturb(parameters, scale, seed=0):
 def test_families_are_detected_and_described(tiny_model_dir, generators):
     assert isinstance(generators["modelscope"], ModelScopeGenerator) and not generators["modelscope"].is_flow
     assert isinstance(generators["wan"], WanGenerator) and generators["wan"].is_flow
+    assert isinstance(generators["animatediff"], AnimateDiffGenerator) and not generators["animatediff"].is_flow
     assert all(gen.is_video for gen in generators.values())
     info = describe_model(tiny_model_dir("wan"))
     assert info["family"] == "wan" and info["video"] and info["prediction_type"] == "flow"
     assert info["vae_scale_factor"] == 4 and info["vae_temporal_scale_factor"] == 4 and info["resolution"] is None
     info = describe_model(tiny_model_dir("modelscope"))
     assert info["denoiser"] == "UNet3DConditionModel" and info["resolution"] == 32 and info["video"]
+    info = describe_model(tiny_model_dir("animatediff"))
+    assert info["family"] == "animatediff" and info["denoiser"] == "UNetMotionModel" and info["resolution"] == 32
+    assert info["video"] and info["prediction_type"] == "epsilon"
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -66,8 +78,11 @@ def test_sample_matches_the_plain_diffusers_pipeline(tiny_model_dir, generators,
 
 
 def test_latent_layout_and_frame_counts(generators):
-    scope, wan = generators["modelscope"], generators["wan"]
+    scope, wan, animatediff = generators["modelscope"], generators["wan"], generators["animatediff"]
     assert scope.latent_shape(2) == (2, 4, 8, 8, 8)  # [B, C, F, h, w]
+    assert animatediff.latent_shape(1, num_frames=32) == (1, 4, 32, 8, 8)
+    with pytest.raises(ValueError, match="at most 32 frames"):  # the motion modules' position table
+        animatediff.latent_shape(1, num_frames=33)
     assert scope.latent_shape(1, num_frames=5) == (1, 4, 5, 8, 8)
     assert wan.latent_shape(2) == (2, 4, 3, 8, 8)  # 9 frames -> (9 - 1) / 4 + 1 latent frames
     assert wan.latent_shape(1, num_frames=5) == (1, 4, 2, 8, 8)
@@ -175,7 +190,7 @@ def test_saved_lora_loads_back_and_into_the_plain_pipeline(tiny_model_dir, gener
     _perturb(gen.add_lora(rank=4, alpha=8), 0.5)
     gen.save_lora(tmp_path / "lora")
     ours = gen.sample(PROMPTS[:1], num_inference_steps=2, guidance_scale=1.0, generator=torch.Generator().manual_seed(3))
-    if family == "wan":
+    if family != "modelscope":
         pipe = type(gen.pipe).from_pretrained(tiny_model_dir(family))
         pipe.set_progress_bar_config(disable=True)
         pipe.load_lora_weights(tmp_path / "lora")
@@ -206,7 +221,7 @@ def test_decode_in_frame_chunks_is_the_same_video(generators, family):
         gen.decode_chunk_size = None
         handle.remove()
     torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-5)
-    if family == "modelscope":  # 16 frames, 3 per decoder call
+    if family != "wan":  # 16 frames, 3 per decoder call
         assert batches == [3, 3, 3, 3, 3, 1]
     else:  # the causal VAE decodes whole clips latent frame by latent frame: one clip per call
         assert len(batches) == 2 * 3 and set(batches) == {1}
@@ -218,8 +233,9 @@ def test_decode_in_frame_chunks_is_the_same_video(generators, family):
         gen.encode(videos[:, 0])
 
 
-def test_modelscope_checkpoints_the_whole_unet_call(tiny_model_dir):
-    gen = load_generator(tiny_model_dir("modelscope"), num_frames=4, height=32, width=32)
+@pytest.mark.parametrize("family", ["modelscope", "animatediff"])
+def test_gradient_checkpointing_recomputes_the_unet_and_keeps_the_gradients(tiny_model_dir, family):
+    gen = load_generator(tiny_model_dir(family), num_frames=4, height=32, width=32)
     trainable = gen.add_lora(rank=2)
     _perturb(trainable, 0.3)
     cond = gen.encode_prompt(PROMPTS[:1])
@@ -232,17 +248,118 @@ def test_modelscope_checkpoints_the_whole_unet_call(tiny_model_dir):
         return [p.grad.clone() for p in trainable]
 
     plain = gradients()
+    # ModelScope's UNet3DConditionModel has no block-level checkpointing: the generator
+    # checkpoints the whole UNet call. UNetMotionModel has diffusers' own, per block.
+    recomputed = gen.denoiser if family == "modelscope" else gen.denoiser.up_blocks[-1].resnets[0]
     calls = []
-    handle = gen.denoiser.register_forward_pre_hook(lambda m, a: calls.append(1))
+    handle = recomputed.register_forward_pre_hook(lambda m, a: calls.append(1))
     try:
         gen.enable_gradient_checkpointing(vae=False)
         checkpointed = gradients()
     finally:
         handle.remove()
-        gen._checkpoint_denoiser = False
     assert len(calls) == 2  # forward, and again (recomputed) in backward
+    assert gen.denoiser.is_gradient_checkpointing == (family == "animatediff")
     for a, b in zip(plain, checkpointed):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def _motion_state(module) -> dict:
+    return {k: v for k, v in module.state_dict().items() if "motion_modules" in k}
+
+
+@pytest.fixture(scope="module")
+def motion_adapter_dir(tmp_path_factory):
+    """A tiny motion adapter folder that fits the tiny sd model (the SD 1.5 + adapter recipe in small)."""
+    from visalign.models.tiny_video import build_tiny_motion_adapter
+
+    path = tmp_path_factory.mktemp("motion-adapter")
+    build_tiny_motion_adapter(seed=1).save_pretrained(path)
+    return path
+
+
+def test_animatediff_from_an_sd_model_and_a_motion_adapter(tiny_model_dir, motion_adapter_dir, tmp_path):
+    from diffusers import AnimateDiffPipeline, DDIMScheduler, MotionAdapter, UNet2DConditionModel
+
+    sd = tiny_model_dir("sd")
+    gen = load_generator(sd, motion_adapter=motion_adapter_dir, num_frames=8, height=32, width=32)
+    adapter = MotionAdapter.from_pretrained(motion_adapter_dir)
+    sd_unet = UNet2DConditionModel.from_pretrained(sd, subfolder="unet")
+    assert isinstance(gen, AnimateDiffGenerator) and gen.pipe.motion_adapter is None  # no second copy
+    # The motion modules are the adapter's, every other weight is the SD UNet's.
+    ours, theirs = _motion_state(gen.denoiser), _motion_state(adapter)
+    assert len(theirs) > 0 and {k.replace(".motion_modules.", ".") for k in ours} == {
+        k.replace(".motion_modules.", ".") for k in theirs}
+    for key, value in ours.items():
+        assert torch.equal(value, theirs[key]), key
+    torch.testing.assert_close(gen.denoiser.down_blocks[0].attentions[0].proj_in.weight,
+                               sd_unet.down_blocks[0].attentions[0].proj_in.weight, atol=0, rtol=0)
+    # AnimateDiff's schedule (linear betas), the SD model's beta range.
+    assert gen.scheduler.config.beta_schedule == "linear" and gen.scheduler.config.beta_end == 0.012
+    # The temporal layers mix frames: changing frame 0 changes the prediction at frame 5.
+    cond = gen.encode_prompt(PROMPTS[:1])
+    x_t = _random(gen.latent_shape(1), 0)
+    moved = x_t.clone()
+    moved[:, :, 0] += 1.0
+    with torch.no_grad():
+        assert (gen.predict(moved, 500, cond) - gen.predict(x_t, 500, cond))[:, :, 5].abs().max() > 1e-4
+
+    video = gen.sample(PROMPTS, num_inference_steps=3, guidance_scale=4.0, generator=torch.Generator().manual_seed(5)).images
+    scheduler = DDIMScheduler.from_pretrained(sd, subfolder="scheduler", beta_schedule="linear")
+    pipe = AnimateDiffPipeline.from_pretrained(sd, motion_adapter=adapter, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    plain = pipe(PROMPTS, num_inference_steps=3, guidance_scale=4.0, height=32, width=32, num_frames=8,
+                 output_type="pt", generator=torch.Generator().manual_seed(5)).frames
+    torch.testing.assert_close(video, plain, atol=1e-4, rtol=1e-4)
+
+    # Saved with a merged LoRA: one folder, motion modules in unet/, read back by us and by diffusers.
+    _perturb(gen.add_lora(rank=2), 0.3)
+    tuned = gen.sample(PROMPTS[:1], num_inference_steps=2, guidance_scale=1.0, generator=torch.Generator().manual_seed(6)).images
+    assert (tuned - gen.reference().sample(PROMPTS[:1], num_inference_steps=2, guidance_scale=1.0,
+                                           generator=torch.Generator().manual_seed(6)).images).abs().max() > 1e-3
+    folder = gen.save_pretrained(tmp_path / "saved")
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["_class_name"] == "AnimateDiffPipeline" and index["unet"][1] == "UNetMotionModel"
+    assert index["motion_adapter"] == [None, None] and not (folder / "motion_adapter").exists()
+    again = load_generator(folder, num_frames=8, height=32, width=32)
+    assert isinstance(again, AnimateDiffGenerator) and not again.has_adapters()
+    reloaded = again.sample(PROMPTS[:1], num_inference_steps=2, guidance_scale=1.0, generator=torch.Generator().manual_seed(6)).images
+    torch.testing.assert_close(reloaded, tuned, atol=1e-4, rtol=1e-4)
+    pipe = AnimateDiffPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    plain = pipe(PROMPTS[:1], num_inference_steps=2, guidance_scale=1.0, height=32, width=32, num_frames=8,
+                 output_type="pt", generator=torch.Generator().manual_seed(6)).frames
+    torch.testing.assert_close(plain, tuned, atol=1e-4, rtol=1e-4)
+
+
+def test_animatediff_refuses_a_missing_or_incompatible_motion_adapter(tiny_model_dir, motion_adapter_dir):
+    from diffusers import MotionAdapter
+
+    sd = tiny_model_dir("sd")
+    with pytest.raises(ModelLoadError, match="has no motion modules.*motion_adapter="):
+        load_generator(sd, family="animatediff")
+    with pytest.raises(ModelLoadError, match="has no motion modules"):
+        AnimateDiffGenerator.from_pretrained(sd)
+    with pytest.raises(ModelLoadError, match="cannot read the motion adapter"):
+        load_generator(sd, motion_adapter=motion_adapter_dir / "missing")
+    with pytest.raises(ModelLoadError, match="pipeline folder, not a motion adapter"):
+        load_generator(sd, motion_adapter=tiny_model_dir("animatediff"))
+    with pytest.raises(ModelLoadError, match="'UNet2DConditionModel', not a MotionAdapter"):
+        load_generator(sd, motion_adapter=sd / "unet")
+    with pytest.raises(ModelLoadError, match="already holds its motion modules"):
+        load_generator(tiny_model_dir("animatediff"), motion_adapter=motion_adapter_dir)
+    with pytest.raises(ModelLoadError, match="belongs to family='animatediff'"):
+        load_generator(sd, family="sd", motion_adapter=motion_adapter_dir)
+    with pytest.raises(ModelLoadError, match="holds a 'sdxl' model, not 'animatediff'"):
+        load_generator(tiny_model_dir("sdxl"), motion_adapter=motion_adapter_dir)
+    deeper = MotionAdapter(block_out_channels=(32, 64), motion_layers_per_block=2, motion_num_attention_heads=2,
+                           motion_norm_num_groups=8)
+    with pytest.raises(ModelLoadError, match="layers per block are \\(2, 2\\), the UNet's \\(1, 1\\)"):
+        load_generator(sd, motion_adapter=deeper)
+    narrower = MotionAdapter(block_out_channels=(16, 32), motion_layers_per_block=1, motion_num_attention_heads=2,
+                             motion_norm_num_groups=8)
+    with pytest.raises(ModelLoadError, match="block_out_channels are \\(16, 32\\), the UNet's \\(32, 64\\)"):
+        load_generator(sd, motion_adapter=narrower)
 
 
 def test_wan_samples_on_a_flow_euler_grid_whatever_scheduler_it_ships(tiny_model_dir, tmp_path):
@@ -274,7 +391,7 @@ def test_visalign_sample_writes_clips_and_a_frame_grid(tiny_model_dir, tmp_path,
     from visalign.cli import main
 
     out = tmp_path / "out"
-    frames = {"modelscope": 4, "wan": 5}[family]
+    frames = {"modelscope": 4, "animatediff": 4, "wan": 5}[family]
     result = CliRunner().invoke(main, [
         "sample", f"model={tiny_model_dir(family)}", "prompts=[a red circle moving left, a blue square moving up]",
         "steps=2", "num_images_per_prompt=1", f"num_frames={frames}", "height=32", "width=32", "video_format=both",
@@ -309,3 +426,22 @@ def test_wan_gradient_checkpointing_leaves_its_vae_alone(tiny_model_dir):
     gen = load_generator(tiny_model_dir("wan"), num_frames=5, height=32, width=32)
     gen.enable_gradient_checkpointing()  # AutoencoderKLWan has none: no error, the DiT's blocks only
     assert gen.denoiser.gradient_checkpointing and not getattr(gen.vae, "gradient_checkpointing", False)
+
+
+def test_visalign_sample_takes_an_sd_model_and_a_motion_adapter(tiny_model_dir, motion_adapter_dir, tmp_path):
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from visalign.cli import main
+
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, [
+        "sample", f"model={tiny_model_dir('sd')}", f"motion_adapter={motion_adapter_dir}", "prompts=[a red circle moving left]",
+        "steps=2", "num_images_per_prompt=1", "num_frames=3", "height=32", "width=32", "video_format=gif", f"out={out}",
+    ])
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "samples.jsonl").read_text().splitlines()[0])
+    assert Image.open(out / record["file"]).n_frames == 3
+    result = CliRunner().invoke(main, ["sample", f"model={tiny_model_dir('sd')}", "family=animatediff", "prompts=[x]",
+                                       f"out={tmp_path / 'none'}"])
+    assert result.exit_code != 0 and "motion_adapter=" in result.output

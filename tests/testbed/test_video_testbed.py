@@ -145,6 +145,7 @@ def video_generators(tiny_model_dir):
 
     return {
         "modelscope": load_generator(tiny_model_dir("modelscope"), num_frames=4, height=32, width=32),
+        "animatediff": load_generator(tiny_model_dir("animatediff"), num_frames=4, height=32, width=32),
         "wan": load_generator(tiny_model_dir("wan"), num_frames=5, height=32, width=32),
     }
 
@@ -153,7 +154,7 @@ def _brightness(images, prompts):
     return images.flatten(1).mean(1)
 
 
-@pytest.mark.parametrize("family", ["modelscope", "wan"])
+@pytest.mark.parametrize("family", ["modelscope", "animatediff", "wan"])
 def test_best_of_n_and_fk_steer_video_generators_with_video_rewards(video_generators, family):
     from pipelines import BestOfN, FKSteering
 
