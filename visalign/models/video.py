@@ -266,8 +266,8 @@ class AnimateDiffGenerator(StableDiffusionVideoGenerator):
     family_defaults = (16, 512, 512)  # the pipeline's num_frames; height from the UNet's sample_size
 
     def __init__(self, pipe, device=None):
+        pipe.motion_adapter = None  # before the move to device: its weights are in pipe.unet already
         super().__init__(pipe, device=device)
-        pipe.motion_adapter = None
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, motion_adapter=None,
@@ -294,7 +294,9 @@ class AnimateDiffGenerator(StableDiffusionVideoGenerator):
         if motion_adapter is not None:
             from diffusers import DDIMScheduler, UNet2DConditionModel
 
-            motion_adapter = load_motion_adapter(motion_adapter, torch_dtype=torch_dtype, **hub)
+            # The SD model's revision is not the adapter's; only the offline switch applies to both.
+            offline = {k: v for k, v in hub.items() if k == "local_files_only"}
+            motion_adapter = load_motion_adapter(motion_adapter, torch_dtype=torch_dtype, **offline)
             check_motion_adapter(motion_adapter, UNet2DConditionModel.load_config(path, subfolder="unet", **hub),
                                  f"the UNet of {path}")
             kwargs["motion_adapter"] = motion_adapter
