@@ -16,7 +16,7 @@ from visalign.config import ConfigError, load_config
 from visalign.images import load_video, save_video
 from visalign.models import load_generator
 
-FRAMES = {"modelscope": 8, "wan": 9}
+FRAMES = {"modelscope": 8, "animatediff": 8, "wan": 9}
 
 
 @pytest.fixture(scope="module")
@@ -76,9 +76,9 @@ def traced_loss(obj, seed=0):
     return timesteps, grads, metrics
 
 
-@pytest.mark.parametrize("grad_steps", [1, 2])
-def test_chain_starts_at_t_tau_and_only_the_last_steps_get_gradient(generators, reward, grad_steps):
-    gen = generators("modelscope")
+@pytest.mark.parametrize("family, grad_steps", [("modelscope", 1), ("modelscope", 2), ("animatediff", 1)])
+def test_chain_starts_at_t_tau_and_only_the_last_steps_get_gradient(generators, reward, family, grad_steps):
+    gen = generators(family)
     obj = make(gen, reward, grad_steps=grad_steps, gradient_checkpointing="none")
     timesteps, grads, metrics = traced_loss(obj)
     # strength 0.6 on the 20-step DDIM grid 951, 901, ..., 1: t_tau = 601, then 551, ..., 1 (13 calls).

@@ -311,6 +311,9 @@ def test_animatediff_from_an_sd_model_and_a_motion_adapter(tiny_model_dir, motio
     plain = pipe(PROMPTS, num_inference_steps=3, guidance_scale=4.0, height=32, width=32, num_frames=8,
                  output_type="pt", generator=torch.Generator().manual_seed(5)).frames
     torch.testing.assert_close(video, plain, atol=1e-4, rtol=1e-4)
+    gen.denoiser.save_motion_modules(tmp_path / "motion")  # the motion modules, as an adapter again
+    written = _motion_state(MotionAdapter.from_pretrained(tmp_path / "motion"))
+    assert written.keys() == theirs.keys() and all(torch.equal(v, theirs[k]) for k, v in written.items())
 
     # Saved with a merged LoRA: one folder, motion modules in unet/, read back by us and by diffusers.
     _perturb(gen.add_lora(rank=2), 0.3)
@@ -445,3 +448,15 @@ def test_visalign_sample_takes_an_sd_model_and_a_motion_adapter(tiny_model_dir, 
     result = CliRunner().invoke(main, ["sample", f"model={tiny_model_dir('sd')}", "family=animatediff", "prompts=[x]",
                                        f"out={tmp_path / 'none'}"])
     assert result.exit_code != 0 and "motion_adapter=" in result.output
+
+
+def test_animatediff_docs_example_runs_and_prints_what_it_says(capsys):
+    import re
+    from pathlib import Path
+
+    doc = Path(__file__).resolve().parents[2] / "docs" / "video.md"
+    text = doc.read_text()
+    section = text[text.index("## SD + AnimateDiff"):text.index("## Sampling from the command line")]
+    code, printed = re.findall(r"```(?:python)?\n(.*?)```", section, re.S)[1:3]
+    exec(compile(code, str(doc), "exec"), {"__name__": "docs_example"})
+    assert capsys.readouterr().out == printed
