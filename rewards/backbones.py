@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from .checkpoints import CheckpointError, load_state_dict_strict, read_state_dict, resolve_file
 from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImagePreprocess
+from visalign.token_cache import CachingTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -358,7 +359,10 @@ class TransformersClipBackbone(nn.Module):
         device = next(self.model.parameters()).device
         # Pad to the longest prompt as PickScore's processor call does; the causal text tower
         # makes the pooled (end-of-text) output independent of the padding length.
-        tokens = self.tokenizer(unique, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt").to(device)
+        if getattr(self, "_token_cache", None) is None or self._token_cache.tokenizer is not self.tokenizer:
+            self._token_cache = CachingTokenizer(self.tokenizer)  # each distinct prompt tokenised once
+        tokens = self._token_cache(unique, padding=True, truncation=True, max_length=self.max_length,
+                                   return_tensors="pt").to(device)
         pooled = self.model.text_model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).pooler_output
         return F.normalize(self.model.text_projection(pooled).float(), dim=-1)[index.to(device)]
 

@@ -31,8 +31,10 @@ import torch
 from torch import Tensor
 
 from .errors import ModelLoadError
+from ..token_cache import CachingTokenizer
 
 DEFAULT_LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
+TOKENIZER_COMPONENTS = ("tokenizer", "tokenizer_2", "tokenizer_3")  # diffusers pipelines' tokenizer slots
 
 
 # --------------------------------------------------------------------------------------------
@@ -741,9 +743,30 @@ class Generator:
         self._negative_cache.clear()
         return parameters
 
-    def _prompt_grad(self):
-        """Gradient mode of prompt encoding: off unless the text encoders are being trained."""
-        return contextlib.nullcontext() if getattr(self, "_text_encoders_trainable", False) else torch.no_grad()
+    @contextlib.contextmanager
+    def _encoding_prompts(self):
+        """The context of every prompt encoding: gradient off unless the text encoders are being
+        trained, and the pipeline's tokenizers behind a :class:`CachingTokenizer` each (the same
+        ids, each distinct prompt tokenised once per generator; the real tokenizers are back in
+        the pipeline afterwards)."""
+        caches = self.__dict__.setdefault("_token_caches", {})
+        swapped = []
+        for name in TOKENIZER_COMPONENTS:
+            tokenizer = getattr(self.pipe, name, None)
+            if tokenizer is None or isinstance(tokenizer, CachingTokenizer):
+                continue
+            cache = caches.get(name)
+            if cache is None or cache.tokenizer is not tokenizer:  # new, or the pipeline's tokenizer was replaced
+                cache = caches[name] = CachingTokenizer(tokenizer)
+            # Not setattr: a diffusers pipeline records a component's class in its config on setattr.
+            object.__setattr__(self.pipe, name, cache)
+            swapped.append((name, tokenizer))
+        try:
+            with contextlib.nullcontext() if getattr(self, "_text_encoders_trainable", False) else torch.no_grad():
+                yield
+        finally:
+            for name, tokenizer in swapped:
+                object.__setattr__(self.pipe, name, tokenizer)
 
     def load_lora(self, path: str | os.PathLike, adapter_name: str = "default", trainable: bool = False) -> None:
         """Load diffusers-format LoRA weights (as written by :meth:`save_lora` or any trainer

@@ -147,7 +147,7 @@ class StableDiffusionGenerator(DiffusionGenerator):
 
     def encode_prompt(self, prompts: str | Sequence[str]) -> Cond:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        with self._prompt_grad():
+        with self._encoding_prompts():
             prompt_embeds, _ = self.pipe.encode_prompt(prompts, self.device, 1, False)
         return Cond(prompt_embeds=prompt_embeds.to(self.dtype))
 
@@ -166,7 +166,7 @@ class StableDiffusionXLGenerator(DiffusionGenerator):
 
     def encode_prompt(self, prompts: str | Sequence[str], height: int | None = None, width: int | None = None) -> Cond:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        with self._prompt_grad():
+        with self._encoding_prompts():
             prompt_embeds, _, pooled, _ = self.pipe.encode_prompt(
                 prompts, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
             )
@@ -175,7 +175,7 @@ class StableDiffusionXLGenerator(DiffusionGenerator):
 
     def _encode_negative(self, negative_prompt: str) -> Cond:
         # With force_zeros_for_empty_prompt (the SDXL base config), the empty negative is zeros.
-        with self._prompt_grad():
+        with self._encoding_prompts():
             _, negative, _, negative_pooled = self.pipe.encode_prompt(
                 [negative_prompt or ""],
                 device=self.device,

@@ -121,7 +121,7 @@ class StableDiffusion3Generator(FlowGenerator):
 
     def encode_prompt(self, prompts: str | Sequence[str]) -> Cond:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        with self._prompt_grad():
+        with self._encoding_prompts():
             prompt_embeds, _, pooled, _ = self.pipe.encode_prompt(
                 prompt=prompts,
                 prompt_2=None,

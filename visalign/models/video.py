@@ -444,7 +444,7 @@ class WanGenerator(VideoGenerator, FlowGenerator):
 
     def encode_prompt(self, prompts: str | Sequence[str]) -> Cond:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        with self._prompt_grad():
+        with self._encoding_prompts():
             prompt_embeds, _ = self.pipe.encode_prompt(
                 prompt=prompts,
                 do_classifier_free_guidance=False,
