@@ -82,3 +82,56 @@ def test_from_hf_dataset_names_missing_columns():
         from_hf_dataset(data, "caption")
     table = from_hf_dataset(data, "caption", columns={"prompt": "caption"})
     assert table[0].prompt == "c"
+
+
+def _caption_folder(folder, count=6, missing=()):
+    from data_builders import pattern_image
+
+    for i in range(count):
+        if i not in missing:
+            pattern_image(i, size=(12, 10)).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(f"caption {i}")
+    return folder
+
+
+def _pixels(sample):
+    return [sample[key] for key in ("image", "winner", "loser") if key in sample]
+
+
+@pytest.mark.parametrize("kind", ["caption", "pair"])
+def test_in_memory_gives_the_lazy_samples_and_skips(tmp_path, kind):
+    from visalign.data import load_records
+
+    transform = ImageTransform(resolution=8, random_crop=True, random_flip=True)
+    if kind == "caption":
+        folder = _caption_folder(tmp_path)
+        (folder / "5.png").write_bytes(b"\x89PNG broken")  # corrupt: skipped alike with and without preloading
+        records, bad = load_records("captions", str(folder)), 5
+    else:
+        records, bad = pair_table(6, bad={2}), 2
+    lazy = RecordDataset(records, transform, seed=3)
+    loaded = RecordDataset(records, transform, seed=3, in_memory=True)
+    for epoch in range(2):  # fresh crops and flips each epoch, the same for both
+        lazy.set_epoch(epoch)
+        loaded.set_epoch(epoch)
+        for index in range(len(lazy)):
+            want, got = lazy[index], loaded[index]
+            assert all(torch.equal(a, b) for a, b in zip(_pixels(got), _pixels(want), strict=True))
+            assert got["crop_top_left"] == want["crop_top_left"] and got["index"] == want["index"]
+            assert [s.index for s in got["skipped"]] == [s.index for s in want["skipped"]] == ([bad] if index == bad else [])
+
+
+def test_in_memory_reads_no_file_after_preloading_even_in_workers(tmp_path):
+    from visalign.data import load_records
+    from visalign.data.skips import NoUsableRecordsError
+
+    records = load_records("captions", str(_caption_folder(tmp_path)))
+    lazy, loaded = RecordDataset(records, TRANSFORM), RecordDataset(records, TRANSFORM, in_memory=True)
+    expected = [loaded[i]["image"] for i in range(len(loaded))]
+    for path in tmp_path.glob("*.png"):
+        path.unlink()
+    with pytest.raises(NoUsableRecordsError):
+        lazy[0]  # every file is gone
+    assert all(torch.equal(loaded[i]["image"], expected[i]) for i in range(len(loaded)))
+    loader = make_dataloader(loaded, batch_size=2, shuffle=False, num_workers=2)  # workers fork after preloading
+    assert torch.equal(torch.cat([batch["images"] for batch in loader]), torch.stack(expected))

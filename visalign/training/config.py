@@ -40,6 +40,7 @@ class DataConfig:
     random_flip: bool = field(True, help="random horizontal flip (paired images flipped together)")
     ties: str = field("drop", help="pair data: drop or keep ties")
     num_workers: int = field(0, help="DataLoader worker processes")
+    in_memory: bool = field(False, help="decode every image once before training and keep it in memory (small datasets)")
     cache_dir: str | None = field(None, help="cache VAE latents and text embeddings here (needs random_crop/flip off)")
     options: dict[str, Any] = field(default_factory=dict, help="extra loader options")
 

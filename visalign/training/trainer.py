@@ -271,7 +271,7 @@ class Trainer:
                 random_crop=config.data.random_crop,
                 random_flip=config.data.random_flip,
             )
-            self.dataset = RecordDataset(records, transform, seed=config.seed)
+            self.dataset = RecordDataset(records, transform, seed=config.seed, in_memory=config.data.in_memory)
         if self.dataset.kind not in kinds:
             raise ConfigError(
                 f"objective {config.objective!r} trains on {'/'.join(kinds)} data, but {config.data.path} holds "
