@@ -3,8 +3,8 @@ Diffusion-KTO raise the held-out oracle accuracy of a testbed base model?
 
 1. On-policy data: ``images_per_prompt`` samples of each *train* prompt from the base model,
    scored by the reward (default: the shipped learned reward; the oracle only judges), written
-   by ``visalign preference-data`` (best vs worst pair per prompt; feedback = above/below the
-   prompt's median).
+   by ``visalign preference-data`` (best vs worst pair per prompt, or every pair with a reward
+   gap with ``--pairs all``; feedback = above/below the prompt's median).
 2. Each objective trains a LoRA on that data with the shared trainer.
 3. Base and tuned models are evaluated on the *held-out* prompts with ``--eval-seeds`` different
    noise seeds (the same seeds for every model). The seed-to-seed spread of the base model is
@@ -52,6 +52,8 @@ def parse_args(argv=None):
     parser.add_argument("--guidance-scale", type=float, default=4.0)
     parser.add_argument("--out", default="runs/efficacy")
     parser.add_argument("--data", default=None, help="reuse a preference-data folder")
+    parser.add_argument("--pairs", default="best-worst", choices=("best-worst", "all"),
+                        help="DPO pairs per prompt: best vs worst, or every pair with a reward gap")
     return parser.parse_args(argv)
 
 
@@ -134,7 +136,7 @@ def main(argv=None):
     if not (data / "pairs.jsonl").exists():
         summary = build_preference_data(PreferenceDataConfig(
             model=args.model, reward=reward, images_per_prompt=args.images_per_prompt, max_prompts=args.max_prompts,
-            steps=args.sample_steps, guidance_scale=args.guidance_scale, out=str(data)))
+            steps=args.sample_steps, guidance_scale=args.guidance_scale, pairs=args.pairs, out=str(data)))
     else:
         summary = json.loads((data / "summary.json").read_text())
     timings["data_s"] = time.perf_counter() - start
