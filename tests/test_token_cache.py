@@ -77,6 +77,17 @@ def test_calls_it_cannot_answer_go_to_the_tokenizer(tokenizer):
     assert cache.model_max_length == tokenizer.model_max_length and len(cache) == len(tokenizer)
 
 
+def test_the_cache_copies_and_pickles_with_its_entries(tokenizer):
+    import copy
+    import pickle
+
+    cache = CachingTokenizer(tokenizer)
+    want = cache(PROMPTS, **CALLS[0]).input_ids
+    for clone in (copy.deepcopy(cache), pickle.loads(pickle.dumps(cache))):
+        assert torch.equal(clone(PROMPTS, **CALLS[0]).input_ids, want)
+        assert clone.misses == cache.misses and clone.hits > cache.hits  # served from the copied entries
+
+
 def test_added_tokens_invalidate_the_cache(tmp_path):
     from visalign.models.tokenizer import build_clip_tokenizer
 

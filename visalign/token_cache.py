@@ -51,6 +51,8 @@ class CachingTokenizer:
         self.misses = 0
 
     def __getattr__(self, name: str) -> Any:
+        if name == "tokenizer" or name.startswith("__"):  # not set yet (copy, pickle): no recursion
+            raise AttributeError(name)
         return getattr(self.tokenizer, name)
 
     def __len__(self) -> int:
