@@ -6,7 +6,8 @@
    through ``Generator.sample`` (DDIM, classifier-free guidance, ``output_type="latent"``) at
    32x32: a batch of ``B`` clips of ``F`` frames against a batch of ``B * F`` images, so the
    two process the same number of frames. The ratio video / image per frame is the price of
-   the temporal layers. The flow pair (tiny ``wan`` DiT against tiny ``sd3`` MMDiT) is timed
+   the temporal layers. The tiny ``animatediff`` model *is* the tiny ``sd`` UNet plus an
+   AnimateDiff motion adapter (temporal transformers only), the other same-size pair. The flow pair (tiny ``wan`` DiT against tiny ``sd3`` MMDiT) is timed
    too but is not a same-size comparison (different widths and depths); its row is
    informational. Timed in interleaved (ABBA) repetitions, medians of wall clock and process
    CPU time (one torch thread: CPU time is the work of the call).
@@ -170,10 +171,10 @@ def main(argv=None) -> None:
     from visalign.models.tiny import save_tiny_model
 
     with tempfile.TemporaryDirectory() as tmp:
-        folders = {family: save_tiny_model(family, Path(tmp) / family) for family in ("sd", "sd3", "modelscope", "wan")}
+        folders = {family: save_tiny_model(family, Path(tmp) / family) for family in ("sd", "sd3", "modelscope", "animatediff", "wan")}
         print(f"Machine: {machine()}\n")
         rows = [] if args.skip_sampling else per_frame_cost(
-            folders, [("modelscope", "sd"), ("wan", "sd3")], args.frames, args.batch, args.steps, args.repeats)
+            folders, [("modelscope", "sd"), ("animatediff", "sd"), ("wan", "sd3")], args.frames, args.batch, args.steps, args.repeats)
         print(f"### Per-frame sampling cost ({args.steps} DDIM/Euler steps, CFG, 32x32, batch {args.batch} clips vs "
               f"batch x frames images; medians of {args.repeats})\n")
         print("| video (params) | image (params) | frames | video ms/frame (CPU) | image ms/frame (CPU) | ratio wall | ratio CPU |")
