@@ -79,30 +79,23 @@ class CachingTokenizer:
         if plan is None:
             return self.tokenizer(text, *args, **kwargs)
         texts, padding, max_length, truncation, special, mask = plan
-        rows = [self._token_ids(t, max_length if truncation else None, special) for t in texts]
-        if padding == "max_length":
-            width = max_length
-        elif padding in ("longest", True):
-            width = max(len(row) for row in rows)
-        else:
-            width = None
-        if width is None or any(len(row) > width for row in rows):
-            return self.tokenizer(text, *args, **kwargs)  # ragged: the tokenizer's own error or result
+        size = len(self.tokenizer)  # in every key: tokens added later (textual inversion) change the ids
+        rows = [self._token_ids(t, max_length if truncation else None, special, size) for t in texts]
+        width = max_length if padding == "max_length" else max(len(row) for row in rows)
         pad_id = self.tokenizer.pad_token_id
-        if pad_id is None:
-            return self.tokenizer(text, *args, **kwargs)
+        if pad_id is None or any(len(row) > width for row in rows):
+            return self.tokenizer(text, *args, **kwargs)  # ragged or unpadded: the tokenizer's own error or result
         left = getattr(self.tokenizer, "padding_side", "right") == "left"
-        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        attention = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):
-            span = slice(width - len(row), width) if left else slice(0, len(row))
-            ids[i, span] = torch.tensor(row, dtype=torch.long)
-            attention[i, span] = 1
+        ids, attention = [], []
+        for row in rows:
+            fill = width - len(row)
+            ids.append([pad_id] * fill + row if left else row + [pad_id] * fill)
+            attention.append([0] * fill + [1] * len(row) if left else [1] * len(row) + [0] * fill)
         from transformers import BatchEncoding
 
-        data = {"input_ids": ids}
+        data = {"input_ids": torch.tensor(ids, dtype=torch.long)}
         if mask:
-            data["attention_mask"] = attention
+            data["attention_mask"] = torch.tensor(attention, dtype=torch.long)
         return BatchEncoding(data, tensor_type=None)
 
     def _plan(self, text, args, kwargs):
@@ -126,9 +119,8 @@ class CachingTokenizer:
             mask = "attention_mask" in self.tokenizer.model_input_names
         return list(texts), padding, max_length, bool(truncation), kwargs.get("add_special_tokens", True), mask
 
-    def _token_ids(self, text: str, max_length: int | None, special: bool) -> list[int]:
-        # len(tokenizer) in the key: tokens added later (textual inversion) change the ids.
-        return self._remember(("ids", text, max_length, special, len(self.tokenizer)), lambda: self.tokenizer(
+    def _token_ids(self, text: str, max_length: int | None, special: bool, size: int) -> list[int]:
+        return self._remember(("ids", text, max_length, special, size), lambda: self.tokenizer(
             text, truncation=max_length is not None, max_length=max_length, add_special_tokens=special)["input_ids"])
 
     def _remember(self, key: tuple, compute) -> list:
