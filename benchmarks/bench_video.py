@@ -7,9 +7,9 @@
    32x32: a batch of ``B`` clips of ``F`` frames against a batch of ``B * F`` images, so the
    two process the same number of frames. The ratio video / image per frame is the price of
    the temporal layers. The tiny ``animatediff`` model *is* the tiny ``sd`` UNet plus an
-   AnimateDiff motion adapter (temporal transformers only), the other same-size pair. The flow pair (tiny ``wan`` DiT against tiny ``sd3`` MMDiT) is timed
-   too but is not a same-size comparison (different widths and depths); its row is
-   informational. Timed in interleaved (ABBA) repetitions, medians of wall clock and process
+   AnimateDiff motion adapter (temporal transformers only), the other same-size pair. The
+   flow pair (tiny ``wan`` DiT against tiny ``sd3`` MMDiT) is timed too but is not a same-size
+   comparison (different widths and depths); its row is informational. Timed in interleaved (ABBA) repetitions, medians of wall clock and process
    CPU time (one torch thread: CPU time is the work of the call).
 2. **VAE decode chunking memory.** ``generator.decode`` of ``B`` clips of ``F`` frames with
    ``decode_chunk_size`` in {all, 8, 2} frames per VAE call, each in a fresh subprocess, at a
@@ -171,7 +171,8 @@ def main(argv=None) -> None:
     from visalign.models.tiny import save_tiny_model
 
     with tempfile.TemporaryDirectory() as tmp:
-        folders = {family: save_tiny_model(family, Path(tmp) / family) for family in ("sd", "sd3", "modelscope", "animatediff", "wan")}
+        families = ("sd", "sd3", "modelscope", "animatediff", "wan")
+        folders = {family: save_tiny_model(family, Path(tmp) / family) for family in families}
         print(f"Machine: {machine()}\n")
         rows = [] if args.skip_sampling else per_frame_cost(
             folders, [("modelscope", "sd"), ("animatediff", "sd"), ("wan", "sd3")], args.frames, args.batch, args.steps, args.repeats)

@@ -27,9 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from visalign.token_cache import CachingTokenizer
+
 from .checkpoints import CheckpointError, load_state_dict_strict, read_state_dict, resolve_file
 from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImagePreprocess
-from visalign.token_cache import CachingTokenizer
 
 logger = logging.getLogger(__name__)
 

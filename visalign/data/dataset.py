@@ -144,9 +144,8 @@ class RecordDataset(Dataset):
         # The slot, not the record, seeds the draw: a substitute gets the slot's geometry.
         rng = np.random.default_rng([self.seed, self.epoch, slot])
         sample: dict[str, Any] = {"kind": self.kind, "index": index, "prompt": record.prompt}
-        sources = _image_sources(record)
         if self._decoded is None:
-            images = _decode(sources)
+            images = _decode(_image_sources(record))
         else:
             images = self._decoded[index]
             if isinstance(images, BadRecordError):
