@@ -4,8 +4,8 @@ What holds for the image families holds here, on clips ``[B, F, 3, H, W]``: a se
 plain diffusers pipeline's video; the noise-process identities; stored stochastic transitions
 re-evaluate to their sampling log-probability; gradient reaches the decoded frames only through
 the chosen steps; the LoRA reference is the base model. Plus what is video's own: the frame
-count, chunked VAE decoding, Wan's scheduler and frame-count rules, and AnimateDiff's two ways in
-(a saved pipeline; an SD model plus a motion adapter).
+count, chunked VAE decoding, Wan's scheduler and frame-count rules, and AnimateDiff's ways in
+(a saved pipeline; an SD folder or single-file checkpoint plus a motion adapter).
 """
 
 import json
@@ -363,6 +363,72 @@ def test_animatediff_refuses_a_missing_or_incompatible_motion_adapter(tiny_model
                              motion_norm_num_groups=8)
     with pytest.raises(ModelLoadError, match="block_out_channels are \\(16, 32\\), the UNet's \\(32, 64\\)"):
         load_generator(sd, motion_adapter=narrower)
+
+
+@pytest.fixture(scope="module")
+def sd_single_file(tiny_model_dir, tmp_path_factory):
+    """The tiny sd model as one original-layout .safetensors file (a CivitAI-style SD 1.x fine-tune)
+    and a config folder: the model folder without weights, so nothing comes from anywhere but the file."""
+    import shutil
+
+    from visalign.models.export import export_single_file
+
+    folder = tmp_path_factory.mktemp("sd-single-file")
+    config = folder / "config"
+    shutil.copytree(tiny_model_dir("sd"), config, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    return export_single_file(tiny_model_dir("sd"), folder / "model.safetensors"), config
+
+
+def test_animatediff_from_a_single_file_sd_checkpoint_is_the_folder_path(tiny_model_dir, motion_adapter_dir,
+                                                                          sd_single_file):
+    from diffusers import DDIMScheduler
+
+    path, config = sd_single_file
+    size = {"num_frames": 8, "height": 32, "width": 32}
+    gen = load_generator(path, motion_adapter=motion_adapter_dir, config=config, **size)
+    from_folder = load_generator(tiny_model_dir("sd"), motion_adapter=motion_adapter_dir, **size)
+    assert isinstance(gen, AnimateDiffGenerator) and gen.family == "animatediff" and gen.pipe.motion_adapter is None
+    assert type(gen.denoiser).__name__ == "UNetMotionModel" and gen.num_frames == 8
+    # AnimateDiff's schedule: DDIM, linear betas over the SD model's beta range, no clipping.
+    assert isinstance(gen.scheduler, DDIMScheduler) and dict(gen.scheduler.config) == dict(from_folder.scheduler.config)
+    assert gen.scheduler.config.beta_schedule == "linear" and gen.scheduler.config.beta_end == 0.012
+    assert not gen.scheduler.config.clip_sample
+    ours, theirs = gen.denoiser.state_dict(), from_folder.denoiser.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    sample = dict(num_inference_steps=2, guidance_scale=4.0)
+    video = gen.sample(PROMPTS[:1], generator=torch.Generator().manual_seed(3), **sample).images
+    expected = from_folder.sample(PROMPTS[:1], generator=torch.Generator().manual_seed(3), **sample).images
+    assert video.shape == (1, 8, 3, 32, 32)
+    torch.testing.assert_close(video, expected, atol=1e-5, rtol=0)
+
+    # A scheduler passed in is kept, as for a folder.
+    own = DDIMScheduler.from_pretrained(config, subfolder="scheduler")
+    kept = AnimateDiffGenerator.from_single_file(path, motion_adapter=motion_adapter_dir, config=config, scheduler=own)
+    assert kept.scheduler is own and kept.scheduler.config.beta_schedule != "linear"
+
+
+def test_animatediff_from_a_single_file_refuses_a_missing_or_unfit_adapter(tiny_model_dir, motion_adapter_dir,
+                                                                          sd_single_file, tmp_path):
+    from diffusers import MotionAdapter
+
+    from visalign.models.export import export_single_file
+
+    path, config = sd_single_file
+    for load in (lambda: load_generator(path, family="animatediff", config=config),
+                 lambda: AnimateDiffGenerator.from_single_file(path, config=config)):
+        with pytest.raises(ModelLoadError, match="single-file SD checkpoint, which has no motion modules.*"
+                                                 "motion_adapter=<a MotionAdapter folder or hub id"):
+            load()
+    narrower = MotionAdapter(block_out_channels=(16, 32), motion_layers_per_block=1, motion_num_attention_heads=2,
+                             motion_norm_num_groups=8)
+    with pytest.raises(ModelLoadError, match="does not fit the UNet of .*block_out_channels are \\(16, 32\\), "
+                                             "the UNet's \\(32, 64\\)"):
+        load_generator(path, motion_adapter=narrower, config=config)
+    with pytest.raises(ModelLoadError, match="cannot read the motion adapter"):
+        load_generator(path, motion_adapter=motion_adapter_dir / "missing", config=config)
+    sdxl = export_single_file(tiny_model_dir("sdxl"), tmp_path / "sdxl.safetensors")
+    with pytest.raises(ModelLoadError, match="holds a 'sdxl' checkpoint; AnimateDiff joins a motion adapter to an SD"):
+        load_generator(sdxl, motion_adapter=motion_adapter_dir)
 
 
 def test_wan_samples_on_a_flow_euler_grid_whatever_scheduler_it_ships(tiny_model_dir, tmp_path):

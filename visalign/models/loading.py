@@ -226,7 +226,11 @@ def load_generator(
     families also take ``num_frames``, ``height`` and ``width``: the clip size sampled by default.
 
     ``motion_adapter`` (a ``MotionAdapter``, its folder or hub id) makes the ``animatediff``
-    family of an SD 1.5 folder: ``load_generator(sd15, motion_adapter="guoyww/animatediff-motion-adapter-v1-5-2")``.
+    family of an SD 1.x model, a folder, hub id or single file alike:
+    ``load_generator(sd15, motion_adapter="guoyww/animatediff-motion-adapter-v1-5-2")``, and for a
+    CivitAI-style fine-tune ``load_generator("model.safetensors", motion_adapter=..., config=<a local
+    SD 1.x folder, when offline>)``. ``family="animatediff"`` without an adapter on an SD model is
+    an error that asks for one.
     """
     torch_dtype = parse_dtype(torch_dtype)
     if motion_adapter is not None:

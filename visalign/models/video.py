@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import os
 from pathlib import Path
 from typing import Sequence
@@ -276,10 +277,9 @@ class AnimateDiffGenerator(StableDiffusionVideoGenerator):
         repo id) plus ``motion_adapter``: a ``MotionAdapter``, its folder or its hub repo id
         (``guoyww/animatediff-motion-adapter-v1-5-2``).
 
-        With an SD model, the scheduler becomes DDIM on the SD betas with AnimateDiff's
-        ``beta_schedule="linear"``, the schedule the published adapters were trained and are run
-        with (as in diffusers' AnimateDiff examples); pass ``scheduler=`` to keep another. Other
-        keywords are :meth:`VideoGenerator.from_pretrained`'s.
+        With an SD model, the scheduler becomes AnimateDiff's (see :meth:`_motion_components`);
+        pass ``scheduler=`` to keep another. Other keywords are
+        :meth:`VideoGenerator.from_pretrained`'s.
         """
         from .loading import detect_family
 
@@ -297,13 +297,79 @@ class AnimateDiffGenerator(StableDiffusionVideoGenerator):
             # The SD model's revision is not the adapter's; only the offline switch applies to both.
             offline = {k: v for k, v in hub.items() if k == "local_files_only"}
             motion_adapter = load_motion_adapter(motion_adapter, torch_dtype=torch_dtype, **offline)
-            check_motion_adapter(motion_adapter, UNet2DConditionModel.load_config(path, subfolder="unet", **hub),
-                                 f"the UNet of {path}")
-            kwargs["motion_adapter"] = motion_adapter
-            if "scheduler" not in kwargs:
-                config = DDIMScheduler.load_config(path, subfolder="scheduler", **hub)
-                kwargs["scheduler"] = DDIMScheduler.from_config(config, beta_schedule="linear", clip_sample=False)
+            unet_config = UNet2DConditionModel.load_config(path, subfolder="unet", **hub)
+            scheduler = kwargs.get("scheduler")
+            sd_scheduler_config = (DDIMScheduler.load_config(path, subfolder="scheduler", **hub)
+                                   if scheduler is None else None)
+            kwargs.update(cls._motion_components(motion_adapter, unet_config, sd_scheduler_config, scheduler, path))
         return super().from_pretrained(path, torch_dtype=torch_dtype, **kwargs)
+
+    @classmethod
+    def from_single_file(cls, path: str | os.PathLike, *, motion_adapter=None,
+                         config: str | os.PathLike | None = None, torch_dtype: torch.dtype | None = None,
+                         device: torch.device | str | None = None, attention: str = "auto",
+                         num_frames: int | None = None, height: int | None = None, width: int | None = None,
+                         scheduler=None, **kwargs) -> "AnimateDiffGenerator":
+        """An original-layout SD 1.x single ``.safetensors`` checkpoint (a CivitAI-style fine-tune)
+        plus ``motion_adapter`` (a ``MotionAdapter``, its folder or hub repo id).
+
+        The checkpoint is loaded as the ``sd`` family loads it
+        (:meth:`StableDiffusionGenerator.from_single_file`; ``config``: a local diffusers SD
+        folder of the same architecture when offline, and other keywords go there), then joined
+        with the adapter as :meth:`from_pretrained` joins an SD folder: the same pipeline, the
+        same scheduler rule (``scheduler=`` keeps another). ``num_frames``, ``height``, ``width``
+        set the clip size sampled by default.
+        """
+        from .loading import infer_single_file_family, pipeline_class_for
+
+        if motion_adapter is None:
+            raise ModelLoadError(
+                f"{path} is a single-file SD checkpoint, which has no motion modules: AnimateDiff adds them from "
+                f"a motion adapter, motion_adapter=<a MotionAdapter folder or hub id, e.g. "
+                f"'guoyww/animatediff-motion-adapter-v1-5-2'>"
+            )
+        family = infer_single_file_family(path)
+        if family != "sd":
+            raise ModelLoadError(
+                f"{path} holds a {family!r} checkpoint; AnimateDiff joins a motion adapter to an SD 1.x ('sd') "
+                f"checkpoint (SDXL motion adapters are not supported)"
+            )
+        offline = {k: v for k, v in kwargs.items() if k == "local_files_only"}
+        motion_adapter = load_motion_adapter(motion_adapter, torch_dtype=torch_dtype, **offline)
+        # The SD model stays on the CPU with the default attention until joined: the joined UNet
+        # is a new module, moved and given its attention below.
+        sd_pipe = StableDiffusionGenerator.from_single_file(
+            path, config=config, torch_dtype=torch_dtype, attention="sdpa", **kwargs).pipe
+        pipeline_class = pipeline_class_for(cls.family)
+        accepted = inspect.signature(pipeline_class.__init__).parameters
+        components = {name: part for name, part in sd_pipe.components.items() if name in accepted}
+        components.update(cls._motion_components(motion_adapter, sd_pipe.unet.config, sd_pipe.scheduler.config,
+                                                 scheduler, path))
+        # Built as from_pretrained builds it (the pipeline joins unet and adapter into a
+        # UNetMotionModel); not from_pipe, which casts to float32 unless told and keeps the SD
+        # pipeline's config (requires_safety_checker) in the AnimateDiff one.
+        generator = cls(pipeline_class(**components), device=device)
+        generator.set_attention(attention)
+        generator.set_video_size(num_frames=num_frames, height=height, width=width)
+        return generator
+
+    @staticmethod
+    def _motion_components(adapter, unet_config: dict, sd_scheduler_config: dict | None, scheduler,
+                           source) -> dict:
+        """The parts that make an SD model (``source``, named in errors) AnimateDiff: the loaded
+        motion ``adapter``, checked to fit the SD UNet (``unet_config``), and the scheduler.
+
+        The scheduler is ``scheduler`` when given, else DDIM on the SD model's betas
+        (``sd_scheduler_config``) with AnimateDiff's ``beta_schedule="linear"`` and no sample
+        clipping: the schedule the published adapters were trained and are run with (as in
+        diffusers' AnimateDiff examples).
+        """
+        from diffusers import DDIMScheduler
+
+        check_motion_adapter(adapter, unet_config, f"the UNet of {source}")
+        if scheduler is None:
+            scheduler = DDIMScheduler.from_config(sd_scheduler_config, beta_schedule="linear", clip_sample=False)
+        return {"motion_adapter": adapter, "scheduler": scheduler}
 
     @classmethod
     def _check_folder_family(cls, path, family: str, kwargs: dict) -> None:
