@@ -15,11 +15,18 @@ reward at ``assets/testbed/reward`` when that folder exists, else the oracle its
 (``testbed-oracle``, in ``--oracle-mode`` ``correct``, ``quality`` or ``both``); pass
 ``--reward NAME_OR_FOLDER`` to choose. The report names the reward and the model used.
 
+**Video** (``--motion-adapter FOLDER``): the same comparison on the video testbed, with the
+``animatediff`` generator of ``--model`` plus the adapter (the testbed's base video model is
+``--motion-adapter assets/testbed/animatediff``), the held-out *video* prompts and the video
+oracle as the judge; the steering reward defaults to ``testbed-video-oracle`` (``--oracle-mode``
+``correct``, ``smoothness`` or ``both``), or ``--reward testbed-video-reward`` (learned).
+
 Run from the repository root::
 
     python benchmarks/efficacy_steering.py                          # all 95 held-out prompts, 1 seed
     python benchmarks/efficacy_steering.py --prompts 32 --seeds 0 1  # smaller, two seeds
     python benchmarks/efficacy_steering.py --out runs/efficacy_steering.json
+    python benchmarks/efficacy_steering.py --motion-adapter assets/testbed/animatediff --oracle-mode both
 
 ``tests/pipelines/test_pipelines_efficacy.py`` (``-m slow``) runs :func:`run` and asserts
 that FK beats plain sampling by more than twice the standard error of the difference.
@@ -59,7 +66,7 @@ def default_reward() -> str:
 def load_reward(name: str, oracle_mode: str = "correct"):
     import rewards
 
-    if name == "testbed-oracle":
+    if name in ("testbed-oracle", "testbed-video-oracle"):
         return rewards.load(name, mode=oracle_mode)
     return rewards.load(name)
 
@@ -72,9 +79,11 @@ def _accuracy(correct: torch.Tensor) -> tuple[float, float]:
 
 def run(model: str | os.PathLike = DEFAULT_MODEL, reward: str | None = None, num_prompts: int | None = None,
         particles: int = 4, steps: int = 20, guidance_scale: float = 4.0, seeds=(0,), oracle_mode: str = "correct",
-        batch_prompts: int = 16, fk_options: dict | None = None, progress: bool = True, split: str = "heldout") -> dict:
+        batch_prompts: int = 16, fk_options: dict | None = None, progress: bool = True, split: str = "heldout",
+        motion_adapter: str | os.PathLike | None = None, num_frames: int = 8) -> dict:
     """Plain vs best-of-k vs FK k on the ``split`` prompts (held-out by default; tune FK's
-    settings on ``"train"`` so the held-out figure stays unbiased); returns the figures as a dict."""
+    settings on ``"train"`` so the held-out figure stays unbiased); returns the figures as a dict.
+    With ``motion_adapter``, on the video testbed (``num_frames`` frames, the video oracle)."""
     from tqdm.auto import tqdm
 
     from pipelines import BestOfN, FKSteering
@@ -82,10 +91,19 @@ def run(model: str | os.PathLike = DEFAULT_MODEL, reward: str | None = None, num
     from visalign.testbed.oracle import oracle
     from visalign.testbed.prompts import load_prompts
 
-    reward_name = reward or default_reward()
+    if motion_adapter is not None:
+        from visalign.testbed.video import video_oracle, video_prompts
+
+        reward_name = reward or "testbed-video-oracle"
+        generator = load_generator(model, motion_adapter=str(motion_adapter), num_frames=num_frames)
+        prompts = [spec.text for spec in video_prompts(split)]
+        judge = video_oracle
+    else:
+        reward_name = reward or default_reward()
+        generator = load_generator(model)
+        prompts = [record.prompt for record in load_prompts(split)]
+        judge = oracle
     steering_reward = load_reward(reward_name, oracle_mode)
-    generator = load_generator(model)
-    prompts = [record.prompt for record in load_prompts(split)]
     if num_prompts and num_prompts < len(prompts):  # evenly spread over the file, so every category is in
         prompts = [prompts[i * len(prompts) // num_prompts] for i in range(num_prompts)]
     fk_options = dict(TESTBED_FK_OPTIONS if fk_options is None else fk_options)
@@ -117,13 +135,14 @@ def run(model: str | os.PathLike = DEFAULT_MODEL, reward: str | None = None, num
             f"fk-{particles}-sample": (steered.particles[torch.arange(len(chunk)), pick], chunk),
         }
         for name, (images, texts) in judged.items():
-            verdict = oracle(images.float().cpu(), texts)
+            verdict = judge(images.float().cpu(), texts)
             correct[name].append(verdict.correct.float())
             quality[name].append(verdict.quality.float())
     results = {name: _summary(torch.cat(correct[name]), torch.cat(quality[name])) for name in correct}
+    oracle_names = ("testbed-oracle", "testbed-video-oracle")
     return {
-        "model": str(model),
-        "reward": reward_name if reward_name != "testbed-oracle" else f"testbed-oracle (mode={oracle_mode})",
+        "model": str(model) + (f" + motion adapter {motion_adapter} ({num_frames} frames)" if motion_adapter else ""),
+        "reward": reward_name if reward_name not in oracle_names else f"{reward_name} (mode={oracle_mode})",
         "prompts": len(prompts),
         "split": split,
         "seeds": list(seeds),
@@ -178,7 +197,11 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=str(DEFAULT_MODEL))
     parser.add_argument("--reward", default=None, help="reward name or saved folder (default: assets/testbed/reward, else the oracle)")
-    parser.add_argument("--oracle-mode", default="correct", choices=("correct", "quality", "both"))
+    parser.add_argument("--oracle-mode", default="correct", choices=("correct", "quality", "smoothness", "both"),
+                        help="the oracle reward's mode (quality: images only; smoothness: clips only)")
+    parser.add_argument("--motion-adapter", default=None,
+                        help="video testbed: an AnimateDiff motion adapter for --model (e.g. assets/testbed/animatediff)")
+    parser.add_argument("--num-frames", type=int, default=8, help="clip length with --motion-adapter")
     parser.add_argument("--prompts", type=int, default=None, help="N prompts spread over the split (default: all)")
     parser.add_argument("--split", default="heldout", choices=("heldout", "train"),
                         help="prompt split (tune FK's settings on train, report on heldout)")
@@ -212,7 +235,8 @@ def main(argv=None) -> None:
     if args.num_x0_samples > 1:
         fk_options["num_x0_samples"] = args.num_x0_samples
     report = run(args.model, args.reward, args.prompts, args.particles, args.steps, args.guidance_scale, tuple(args.seeds),
-                 args.oracle_mode, args.batch_prompts, fk_options, split=args.split)
+                 args.oracle_mode, args.batch_prompts, fk_options, split=args.split,
+                 motion_adapter=args.motion_adapter, num_frames=args.num_frames)
     print(f"model {report['model']}; steering reward {report['reward']}; {report['prompts']} {args.split} prompts x "
           f"seeds {report['seeds']}; {report['steps']} steps, CFG {report['guidance_scale']}; FK {report['fk_options']}")
     print(f"denoiser evaluations {report['denoiser_evals']}; wall time {report['wall_time_s']}")

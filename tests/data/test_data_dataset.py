@@ -135,3 +135,24 @@ def test_in_memory_reads_no_file_after_preloading_even_in_workers(tmp_path):
     assert all(torch.equal(loaded[i]["image"], expected[i]) for i in range(len(loaded)))
     loader = make_dataloader(loaded, batch_size=2, shuffle=False, num_workers=2)  # workers fork after preloading
     assert torch.equal(torch.cat([batch["images"] for batch in loader]), torch.stack(expected))
+
+
+def test_tensor_pairs_collate_like_pair_records_for_images_and_clips():
+    from visalign.data import TensorPairs
+
+    clips = torch.rand(2, 3, 8, 3, 16, 16)
+    pairs = TensorPairs(clips[0], clips[1], ["a", "b", "c"], labels=[1.0, 0.5, 1.0])
+    batch = collate([pairs[i] for i in (2, 0)])
+    assert batch["winner"].shape == (2, 8, 3, 16, 16) and torch.equal(batch["loser"][1], clips[1, 0])
+    assert batch["prompts"] == ["c", "a"] and batch["label"].tolist() == [1.0, 1.0] and pairs.kind == "pair"
+    assert batch["original_sizes"].tolist() == [[16, 16], [16, 16]]
+    images = TensorPairs(clips[0, :, 0], clips[1, :, 0], ["a", "b", "c"])
+    assert collate([images[1]])["winner"].shape == (1, 3, 16, 16)
+    with pytest.raises(ValueError, match="differ in shape"):
+        TensorPairs(clips[0], clips[1, :, :4], ["a", "b", "c"])
+    with pytest.raises(ValueError, match="3 pairs but 2 prompts"):
+        TensorPairs(clips[0], clips[1], ["a", "b"])
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        TensorPairs(clips[0] * 2, clips[1], ["a", "b", "c"])
+    with pytest.raises(IndexError):
+        pairs[3]

@@ -18,7 +18,7 @@ See docs/data.md for the accepted formats.
 """
 
 from visalign.data.cache import CacheKey, CacheNotDeterministicError, LatentCache, cache_key
-from visalign.data.dataset import RecordDataset, collate, make_dataloader
+from visalign.data.dataset import RecordDataset, TensorPairs, collate, make_dataloader
 from visalign.data.loaders import (
     from_hf_dataset,
     load_captions,
@@ -61,6 +61,7 @@ __all__ = [
     "RecordTable",
     "SkipCounter",
     "SkippedRecord",
+    "TensorPairs",
     "cache_key",
     "collate",
     "from_hf_dataset",

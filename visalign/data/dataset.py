@@ -254,6 +254,45 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     return batch
 
 
+class TensorPairs(Dataset):
+    """Preference pairs held as tensors, for pairs made in Python rather than read from files:
+    images ``[N, 3, H, W]`` or clips ``[N, F, 3, H, W]`` in [0, 1] (e.g. a video model's samples
+    labelled by the video oracle). Samples are those of a ``pair`` :class:`RecordDataset`, so
+    :func:`collate`, the trainer (``Trainer(config, dataset=TensorPairs(...))``) and every pair
+    objective take them unchanged; nothing is augmented and nothing is skipped."""
+
+    kind = "pair"
+
+    def __init__(self, winners: torch.Tensor, losers: torch.Tensor, prompts: list[str],
+                 labels: list[float] | None = None, seed: int = 0):
+        if winners.shape != losers.shape:
+            raise ValueError(f"winners {tuple(winners.shape)} and losers {tuple(losers.shape)} differ in shape")
+        if winners.ndim not in (4, 5) or winners.shape[-3] != 3:
+            raise ValueError(f"expected images [N, 3, H, W] or clips [N, F, 3, H, W], got {tuple(winners.shape)}")
+        if len(prompts) != len(winners) or (labels is not None and len(labels) != len(winners)):
+            raise ValueError(f"{len(winners)} pairs but {len(prompts)} prompts"
+                             + (f" and {len(labels)} labels" if labels is not None else ""))
+        if winners.is_floating_point() and (winners.min() < 0 or winners.max() > 1 or losers.min() < 0 or losers.max() > 1):
+            raise ValueError("pair images must lie in [0, 1]")
+        self.winners, self.losers, self.prompts = winners, losers, list(prompts)
+        self.labels = [1.0] * len(prompts) if labels is None else [float(label) for label in labels]
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Nothing to redraw (no augmentation); here for the trainer."""
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} pairs")
+        height, width = self.winners.shape[-2:]
+        return {"kind": "pair", "prompt": self.prompts[index], "index": index, "original_size": (height, width),
+                "crop_top_left": (0, 0), "winner": self.winners[index].float(), "loser": self.losers[index].float(),
+                "label": self.labels[index], "user_id": None, "skipped": []}
+
+
 def make_dataloader(
     dataset: RecordDataset,
     batch_size: int,
