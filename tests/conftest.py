@@ -28,6 +28,20 @@ def tiny_model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def sd_single_file(tiny_model_dir, tmp_path_factory):
+    """The tiny sd model as one original-layout .safetensors file (a CivitAI-style SD 1.x fine-tune)
+    and a config folder: the model folder without weights, so nothing comes from anywhere but the file."""
+    import shutil
+
+    from visalign.models.export import export_single_file
+
+    folder = tmp_path_factory.mktemp("sd-single-file")
+    config = folder / "config"
+    shutil.copytree(tiny_model_dir("sd"), config, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    return export_single_file(tiny_model_dir("sd"), folder / "model.safetensors"), config
+
+
+@pytest.fixture(scope="session")
 def benchmark_script():
     """Load a script of ``benchmarks/`` as a module: ``benchmark_script("efficacy_steering")``
     (the efficacy tests run the very code whose figures RESULTS.md records)."""

@@ -34,6 +34,8 @@ ROUTE_LABELS = {"Steering (personal reward, no training)": "steer", "PPD (user-c
 @configclass
 class DemoConfig:
     model: str = field(str(TESTBED_MODEL), help="diffusers folder or single .safetensors file (default: the testbed model)")
+    single_file_config: str | None = field(None, help="for a single .safetensors checkpoint: a local diffusers folder of "
+                                           "the same architecture whose configs diffusers maps it with (needed offline)")
     ppd: str | None = field(None, help="PPD user branch (safetensors); default: the testbed's when the model is the testbed's")
     encoder: str = field("testbed", help="image encoder of user embeddings: testbed, or an open_clip name/folder")
     pretrained: str | None = field(None, help="open_clip pretrained tag or file for encoder")
@@ -76,7 +78,7 @@ class DemoBackend:
             raise ModelLoadError(f"model {config.model!r} does not exist: give model=PATH to a diffusers folder "
                                  "(with model_index.json) or a single .safetensors file")
         try:
-            generator = load_generator(config.model, device=device)
+            generator = load_generator(config.model, device=device, config=config.single_file_config)
         except ModelLoadError:
             raise
         except Exception as error:  # a folder diffusers cannot read: say which and why, not a traceback

@@ -35,6 +35,8 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets" / "testbed"
 @configclass
 class PreferenceDataConfig:
     model: str = field(str(ASSETS / "sd"), help="generator: diffusers folder, hub id or single file")
+    single_file_config: str | None = field(None, help="for a single .safetensors checkpoint: a local diffusers folder of "
+                                           "the same architecture whose configs diffusers maps it with (needed offline)")
     lora: str | None = field(None, help="LoRA weights to sample with (on-policy data of a tuned model)")
     reward: str = field("testbed-oracle", help="reward name (rewards.load) or a saved reward folder")
     prompts: str = field("testbed:train", help="'testbed:train', 'testbed:heldout', or a text file of prompts")
@@ -128,7 +130,7 @@ def build_preference_data(config: PreferenceDataConfig, generator=None, reward=N
     device = config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     prompts = read_prompts(config.prompts, config.max_prompts)
     if generator is None:
-        generator = load_generator(config.model, device=device)
+        generator = load_generator(config.model, device=device, config=config.single_file_config)
         if config.lora:
             generator.load_lora(config.lora)
     if reward is None:

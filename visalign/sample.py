@@ -16,6 +16,8 @@ from .config import ConfigError, configclass, field
 @configclass
 class SampleConfig:
     model: str = field(help="diffusers folder, hub repo id, or single .safetensors file")
+    single_file_config: str | None = field(None, help="for a single .safetensors checkpoint: a local diffusers folder of "
+                                           "the same architecture whose configs diffusers maps it with (needed offline)")
     prompts: list[str] = field(default_factory=list, help="prompts (prompts='a red circle' or '[a, b]')")
     prompt_file: str | None = field(None, help="text file with one prompt per line (added to prompts)")
     family: str | None = field(None, help="sd, sdxl, sd3, modelscope, animatediff or wan; detected when omitted")
@@ -86,7 +88,7 @@ def run_sample(config: SampleConfig) -> dict:
         check_steer_config(config)
     device = resolve_device(config.device)
     generator = load_generator(config.model, family=config.family, torch_dtype=resolve_dtype(config.dtype, device), device=device,
-                               motion_adapter=config.motion_adapter)
+                               motion_adapter=config.motion_adapter, config=config.single_file_config)
     if config.lora:
         generator.load_lora(config.lora)
     if generator.is_video:

@@ -232,6 +232,22 @@ def test_bad_files_get_errors_that_name_the_problem(tiny_model_dir, tmp_path):
         StableDiffusion3Generator.from_single_file(good)
 
 
+
+def test_config_is_for_single_files_and_must_be_a_folder(tiny_model_dir, sd_single_file, tmp_path):
+    path, config = sd_single_file
+    # from_pretrained would take config= as a pipeline keyword: refused up front, naming the path.
+    with pytest.raises(ModelLoadError, match="applies to single-file checkpoints; .*tiny-sd.* is a folder"):
+        load_generator(tiny_model_dir("sd"), config=config)
+    with pytest.raises(ModelLoadError, match="owner/model is a hub repo id or a missing path, not a file"):
+        load_generator("owner/model", config=config)
+    with pytest.raises(ModelLoadError, match="single-file checkpoint .*missing.safetensors does not exist"):
+        load_generator(tmp_path / "missing.safetensors", config=config)
+    for wrong in (tmp_path / "no-such-folder", path):  # a mistyped folder, the checkpoint itself
+        with pytest.raises(ModelLoadError, match="config .* is not a folder; expected a local diffusers folder"):
+            load_generator(path, config=wrong)
+    with pytest.raises(ModelLoadError, match="config 'no-such-folder' is not a local folder and could not be fetched"):
+        load_generator(path, config="no-such-folder")  # read as a hub id: offline, it cannot be
+
 def test_cli_export(tiny_model_dir, tmp_path):
     from click.testing import CliRunner
 

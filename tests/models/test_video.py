@@ -365,20 +365,6 @@ def test_animatediff_refuses_a_missing_or_incompatible_motion_adapter(tiny_model
         load_generator(sd, motion_adapter=narrower)
 
 
-@pytest.fixture(scope="module")
-def sd_single_file(tiny_model_dir, tmp_path_factory):
-    """The tiny sd model as one original-layout .safetensors file (a CivitAI-style SD 1.x fine-tune)
-    and a config folder: the model folder without weights, so nothing comes from anywhere but the file."""
-    import shutil
-
-    from visalign.models.export import export_single_file
-
-    folder = tmp_path_factory.mktemp("sd-single-file")
-    config = folder / "config"
-    shutil.copytree(tiny_model_dir("sd"), config, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
-    return export_single_file(tiny_model_dir("sd"), folder / "model.safetensors"), config
-
-
 def test_animatediff_from_a_single_file_sd_checkpoint_is_the_folder_path(tiny_model_dir, motion_adapter_dir,
                                                                           sd_single_file):
     from diffusers import DDIMScheduler

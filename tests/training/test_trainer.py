@@ -155,6 +155,17 @@ def test_lora_run_output_loads_in_a_plain_pipeline_and_changes_it(tiny_model_dir
     assert saved.max_steps == 3 and saved.model.path == str(model)
 
 
+
+def test_a_single_file_model_trains_offline_with_single_file_config(tiny_model_dir, sd_single_file, captions, tmp_path):
+    path, config = sd_single_file
+    trainer = Trainer(make_config(path, captions, tmp_path / "run", f"model.single_file_config={config}", "max_steps=1"))
+    result = trainer.train()
+    assert result.step == 1 and result.final_weights == tmp_path / "run" / "lora"
+    # The frozen weights are the file's, which are the folder's.
+    ours, theirs = trainer.generator.vae.state_dict(), load_generator(tiny_model_dir("sd")).vae.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert load_config(TrainConfig, tmp_path / "run" / "config.yaml").model.single_file_config == str(config)
+
 def test_pickapic_parquet_with_a_corrupt_image_trains_and_counts_it(tiny_model_dir, tmp_path):
     data = write_pickapic(tmp_path / "train.parquet", 12, corrupt_rows={5})
     result = train(make_config(tiny_model_dir("sd"), data, tmp_path / "run", "data.format=pickapic", "max_steps=3"))

@@ -10,7 +10,9 @@ from ..testbed.build import ASSETS
 
 @configclass
 class EvalConfig:
-    model: str = field(str(ASSETS / "sd"), help="model folder (default: the testbed's SD base model)")
+    model: str = field(str(ASSETS / "sd"), help="diffusers folder or single .safetensors file (default: the testbed's SD base model)")
+    single_file_config: str | None = field(None, help="for a single .safetensors checkpoint: a local diffusers folder of "
+                                           "the same architecture whose configs diffusers maps it with (needed offline)")
     lora: str | None = field(None, help="LoRA weights to evaluate on top of the model (the model alone is the base)")
     compare_base: bool = field(True, help="with lora: also evaluate the base model and report drift")
     rewards: list[str] = field(default_factory=list, help="learned rewards to report: registry names or saved reward folders")
@@ -41,7 +43,7 @@ def run_eval(config: EvalConfig) -> Path:
     loaded_rewards = {}
     for name in config.rewards:
         loaded_rewards[Path(name).name] = reward_library.load(name).to(device)
-    generator = load_generator(config.model, device=device)
+    generator = load_generator(config.model, device=device, config=config.single_file_config)
     kwargs = dict(images_per_prompt=config.images_per_prompt, num_inference_steps=config.steps,
                   guidance_scale=config.guidance_scale, seed=config.seed, rewards=loaded_rewards)
     reports = {}
@@ -49,7 +51,7 @@ def run_eval(config: EvalConfig) -> Path:
     if config.lora:
         if config.compare_base:
             reports["base"] = evaluate(generator, prompts, **kwargs)
-            base = load_generator(config.model, device=device)
+            base = load_generator(config.model, device=device, config=config.single_file_config)
         generator.load_lora(config.lora)
         reports["tuned"] = evaluate(generator, prompts, base=base, **kwargs)
     else:

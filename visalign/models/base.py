@@ -325,9 +325,15 @@ class Generator:
                 f"visalign.models.load_generator({str(path)!r}) or the {family!r} family class"
             )
         pipeline_class = pipeline_class_for(cls.family)
+        local_config = config is not None and Path(config).is_dir()
+        if config is not None and not local_config and (Path(config).exists() or str(config).count("/") > 1):
+            raise ModelLoadError(
+                f"{path}: config {str(config)!r} is not a folder; expected a local diffusers folder (with "
+                f"model_index.json) of the same architecture, or a hub repo id"
+            )
         if config is not None:
             kwargs["config"] = str(config)
-            if Path(config).is_dir():
+            if local_config:
                 # Components the config saves as null (SD3 without T5) must be passed as None.
                 index = read_model_index(config)
                 kwargs = {**{n: None for n, spec in index.items() if isinstance(spec, list) and spec[0] is None}, **kwargs}
@@ -335,11 +341,17 @@ class Generator:
         try:
             pipe = pipeline_class.from_single_file(str(path), **kwargs)
         except Exception as error:
+            if config is not None and not local_config and is_hub_error(error):
+                raise ModelLoadError(
+                    f"{path}: config {str(config)!r} is not a local folder and could not be fetched from the hub as a "
+                    f"repo id ({type(error).__name__}); offline, give a local diffusers folder of the same architecture"
+                ) from error
             if config is None and is_hub_error(error):
                 raise ModelLoadError(
                     f"{path}: diffusers needs a diffusers-layout config of this architecture and could not fetch one "
                     f"from the hub ({type(error).__name__}); offline, pass config=<a local diffusers folder of the "
-                    f"same architecture> (its weights are not needed)"
+                    f"same architecture> (its weights are not needed; on the command line and in training configs: "
+                    f"single_file_config=FOLDER)"
                 ) from error
             raise
         verify_single_file_pipeline(pipe, path, cls.family)

@@ -215,6 +215,7 @@ def load_generator(
     device: torch.device | str | None = None,
     attention: str = "auto",
     motion_adapter=None,
+    config: str | os.PathLike | None = None,
     **kwargs,
 ):
     """Load any supported model as a :class:`~visalign.models.Generator`.
@@ -224,6 +225,11 @@ def load_generator(
     ``"animatediff"``, ``"wan"``) is detected when omitted; when given for a folder, a mismatch
     is an error. ``torch_dtype`` may be a string (``"float16"``, ``"bf16"``, ...). Video
     families also take ``num_frames``, ``height`` and ``width``: the clip size sampled by default.
+
+    ``config`` applies to a single file only: a diffusers folder (or hub id) of the same
+    architecture whose configs diffusers maps the file's keys with. Offline it must be a local
+    folder; its weights are not needed. With a folder or hub id as ``path`` it is an error (the
+    model carries its own configs).
 
     ``motion_adapter`` (a ``MotionAdapter``, its folder or hub id) makes the ``animatediff``
     family of an SD 1.x model, a folder, hub id or single file alike:
@@ -239,9 +245,19 @@ def load_generator(
             raise ModelLoadError(f"motion_adapter= belongs to family='animatediff' (SD + AnimateDiff), not family={family!r}")
         kwargs["motion_adapter"] = motion_adapter
     local = Path(path)
+    if config is not None and not local.is_file():
+        # from_pretrained would take config= as a pipeline keyword and fail far from the cause.
+        if local.suffix in (".safetensors", ".sft"):
+            raise ModelLoadError(f"single-file checkpoint {path} does not exist")
+        what = "a folder" if local.is_dir() else "a hub repo id or a missing path, not a file"
+        raise ModelLoadError(
+            f"single_file_config/config= applies to single-file checkpoints; {path} is {what}. A diffusers "
+            f"model carries its own configs: leave config out"
+        )
     if local.is_file():
         family = family or infer_single_file_family(local)
-        return _family_class(family).from_single_file(local, torch_dtype=torch_dtype, device=device, attention=attention, **kwargs)
+        return _family_class(family).from_single_file(local, config=config, torch_dtype=torch_dtype, device=device,
+                                                      attention=attention, **kwargs)
     family = family or detect_family(path, **{k: kwargs[k] for k in ("revision", "local_files_only") if k in kwargs})
     # The family class refuses a folder of another family (AnimateDiff takes SD with an adapter).
     return _family_class(family).from_pretrained(path, torch_dtype=torch_dtype, device=device, attention=attention, **kwargs)

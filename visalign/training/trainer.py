@@ -148,7 +148,7 @@ class Trainer:
 
             self.generator = load_generator(
                 config.path, family=config.family, torch_dtype=self._weight_dtype(), device=self.device,
-                attention=config.attention, motion_adapter=config.motion_adapter,
+                attention=config.attention, motion_adapter=config.motion_adapter, config=config.single_file_config,
             )
         else:
             self.generator.to(self.device)
