@@ -212,3 +212,19 @@ def test_sample_grid_shows_a_models_samples_per_category(quick_build, tmp_path):
     path = sample_grid(out / "assets" / "sd", tmp_path / "grid.png", per_category=2, num_inference_steps=2)
     width, height = Image.open(path).size
     assert height > width * len(CATEGORIES) / 2 * 0.9  # one row per category, two columns
+
+
+def test_the_build_trains_a_video_model_on_its_sd_model(quick_build, tmp_path):
+    from visalign.testbed.build import build_video_model
+    from visalign.testbed.video_model import BUILD_RECORD, load_testbed_video_model
+
+    out, _ = quick_build
+    assets = tmp_path / "assets"
+    shutil.copytree(out / "assets" / "sd", assets / "sd")
+    figures = build_video_model(BuildConfig(quick=True, out=str(assets)), assets)
+    record = json.loads((assets / "animatediff" / BUILD_RECORD).read_text())
+    assert figures["heldout"] == record["heldout"] and record["heldout"]["clips"] == 4 and figures["steps"] == 2
+    generator = load_testbed_video_model(assets / "animatediff", base=assets / "sd")
+    assert generator.family == "animatediff" and generator.latent_shape(1) == (1, 4, 8, 16, 16)
+    with pytest.raises(FileNotFoundError, match="add sd to families"):
+        build_video_model(BuildConfig(quick=True), tmp_path / "empty")

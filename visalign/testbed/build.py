@@ -72,6 +72,9 @@ class BuildConfig:
     rewards: list[str] = field(default_factory=lambda: ["hpsv2", "clip"],
                                help="learned rewards to build (visalign.testbed.reward_build kinds)")
     reward_steps: int | None = field(None, help="learned rewards: training steps (default: RewardBuildOptions)")
+    video_model: bool = field(False, help="also train the video testbed's base model: a motion adapter for the built sd "
+                                          "model (visalign.testbed.video_model; about an hour on a 2-core CPU)")
+    video_steps: int = field(800, help="video model: motion adapter training steps")
     init_from: str | None = field(None, help="continue pretraining from a previous build (a folder holding <family>/ "
                                              "model folders, e.g. assets/testbed) instead of from scratch; its VAE is "
                                              "reused and the VAE phase skipped")
@@ -304,6 +307,10 @@ def build(config: BuildConfig) -> dict:
             **sizing, "batch_size": config.batch_size, "lr": config.lr,
             "train_text_encoder": config.train_text_encoder, "init_from": config.init_from}
         timings[f"{family}_eval_s"] = time.perf_counter() - mark
+    if config.video_model:
+        mark = time.perf_counter()
+        summary["video_model"] = build_video_model(config, out)
+        timings["video_model_s"] = time.perf_counter() - mark
     if config.reward_family and config.rewards:
         mark = time.perf_counter()
         summary["rewards"] = build_rewards(config, out / config.reward_family, out, work)
@@ -319,13 +326,31 @@ def build(config: BuildConfig) -> dict:
     return summary
 
 
+def build_video_model(config: BuildConfig, out: Path) -> dict:
+    """Train the motion adapter of the video testbed's base model on the built (or shipped) sd
+    model; returns its held-out figures (the full record is ``<out>/animatediff/video_model_build.json``)."""
+    from dataclasses import replace
+
+    from .video_model import VideoModelBuildOptions, build_testbed_video_model, quick_options
+
+    if not (out / "sd" / "model_index.json").exists():
+        raise FileNotFoundError(f"video_model: the video model is trained on the sd model, and {out / 'sd'} has none "
+                                f"(add sd to families)")
+    options = quick_options() if config.quick else VideoModelBuildOptions(steps=config.video_steps)
+    options = replace(options, base=str(out / "sd"), seed=config.seed)
+    record = build_testbed_video_model(out / "animatediff", options)
+    return {"heldout": record["heldout"], "heldout_untrained": record["heldout_untrained"],
+            "steps": options.steps, "record": "animatediff/video_model_build.json"}
+
+
 def _merge(existing: dict, run: dict) -> dict:
     """``build.json`` after a continuation run: its families' figures replace the old ones, and the
     run is appended to ``builds`` (the runs that, in order, made the shipped models)."""
     merged = dict(existing)
     merged["models"] = {**existing.get("models", {}), **run["models"]}
-    if "rewards" in run:
-        merged["rewards"] = run["rewards"]
+    for key in ("rewards", "video_model"):
+        if key in run:
+            merged[key] = run[key]
     builds = list(existing.get("builds", [{key: existing[key] for key in ("config", "timings_s", "machine")
                                            if key in existing}]))
     builds.append({key: run[key] for key in ("config", "timings", "machine")})
