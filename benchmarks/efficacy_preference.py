@@ -35,7 +35,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=str(ROOT / "assets" / "testbed" / "sd"))
     parser.add_argument("--reward", default=None, help="default: testbed-reward if shipped, else testbed-oracle")
-    parser.add_argument("--objectives", default="dpo,kto")
+    parser.add_argument("--objectives", default="dpo,kto", help="comma-separated: dpo, kto, sft (on the winners)")
     parser.add_argument("--images-per-prompt", type=int, default=4)
     parser.add_argument("--max-prompts", type=int, default=None, help="train prompts used for data")
     parser.add_argument("--steps", type=int, default=200)
@@ -97,8 +97,10 @@ def train_objective(objective: str, data: Path, args, out: Path) -> Path:
     from visalign.config import load_config
     from visalign.training import TrainConfig, train
 
-    options = {"dpo": {"beta": args.beta, "sft_weight": args.sft_weight}, "kto": {"beta": args.kto_beta}}[objective]
-    view = {"dpo": "pairs", "kto": "feedback"}[objective]
+    # sft: the denoising loss on the pairs' winners alone, the control for DPO's SFT term.
+    options = {"dpo": {"beta": args.beta, "sft_weight": args.sft_weight}, "kto": {"beta": args.kto_beta},
+               "sft": {}}[objective]
+    view = {"dpo": "pairs", "kto": "feedback", "sft": "pairs"}[objective]
     config = load_config(TrainConfig, data={
         "model": {"path": args.model, "finetune": "lora", "lora": {"rank": args.rank, "alpha": args.rank}},
         "objective": objective, "options": options,
