@@ -60,6 +60,9 @@ def parse_args(argv=None):
     parser.add_argument("--eval-prompts", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs/efficacy-reward-grad")
+    parser.add_argument("--loras", default=None, metavar="DIR",
+                        help="evaluate the LoRAs an earlier run wrote (DIR/<method>/lora) instead of training: "
+                             "more evaluation seeds for the same fine-tunes")
     return parser.parse_args(argv)
 
 
@@ -163,9 +166,14 @@ def main(argv=None):
     write()
     for method in [m for m in args.methods.split(",") if m]:
         mark = time.perf_counter()
-        lora, logged = train_method(method, reward_name, args, out)
-        timings[f"{method}_train_s"] = time.perf_counter() - mark
-        curves[method] = [{k: row.get(k) for k in ("step", "reward", "loss", "grad_norm")} for row in logged]
+        if args.loras:
+            lora = Path(args.loras) / method / "lora"
+            if not lora.is_dir():
+                raise FileNotFoundError(f"--loras: no LoRA at {lora}")
+        else:
+            lora, logged = train_method(method, reward_name, args, out)
+            timings[f"{method}_train_s"] = time.perf_counter() - mark
+            curves[method] = [{k: row.get(k) for k in ("step", "reward", "loss", "grad_norm")} for row in logged]
         mark = time.perf_counter()
         rows.append(summarise(method, evaluate_seeds(args.model, str(lora), args, prompts, watch), base, reward_name))
         timings[f"{method}_eval_s"] = time.perf_counter() - mark
