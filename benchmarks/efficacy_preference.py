@@ -52,6 +52,8 @@ def parse_args(argv=None):
     parser.add_argument("--guidance-scale", type=float, default=4.0)
     parser.add_argument("--out", default="runs/efficacy")
     parser.add_argument("--data", default=None, help="reuse a preference-data folder")
+    parser.add_argument("--loras", default=None, metavar="DIR",
+                        help="evaluate the LoRAs an earlier run wrote (DIR/<objective>/lora) instead of training")
     parser.add_argument("--pairs", default="best-worst", choices=("best-worst", "all"),
                         help="DPO pairs per prompt: best vs worst, or every pair with a reward gap")
     return parser.parse_args(argv)
@@ -150,8 +152,13 @@ def main(argv=None):
     rows = [summarise("base", base, base)]
     for objective in [o for o in args.objectives.split(",") if o]:
         mark = time.perf_counter()
-        lora = train_objective(objective, data, args, out)
-        timings[f"{objective}_train_s"] = time.perf_counter() - mark
+        if args.loras:  # an earlier run's fine-tune, evaluated again (e.g. on more seeds)
+            lora = Path(args.loras) / objective / "lora"
+            if not lora.is_dir():
+                raise FileNotFoundError(f"--loras: no LoRA at {lora}")
+        else:
+            lora = train_objective(objective, data, args, out)
+            timings[f"{objective}_train_s"] = time.perf_counter() - mark
         mark = time.perf_counter()
         rows.append(summarise(objective, evaluate_seeds(args.model, str(lora), args, prompts, watch), base))
         timings[f"{objective}_eval_s"] = time.perf_counter() - mark
