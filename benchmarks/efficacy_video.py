@@ -3,8 +3,8 @@ pairs raise the held-out video-oracle accuracy of the testbed's base video model
 
 1. On-policy clips: ``--clips-per-prompt`` samples of each of ``--prompts`` *train* video prompts
    from the base video model (the testbed SD model + ``assets/testbed/animatediff``), scored by
-   the video oracle (``testbed-video-oracle``, mode ``both``: correctness plus half the
-   smoothness score, which orders clips the verdict ties); the best and worst clip of a prompt
+   the video oracle (``testbed-video-oracle``, mode ``both``: half the verdict plus half
+   the smoothness score, which orders clips the verdict ties); the best and worst clip of a prompt
    make a pair when their scores differ (:func:`visalign.preference_data.select_pairs`).
 2. ``--objective`` (``dpo``, or ``sft`` on the winners as the baseline without a loser) trains
    a LoRA on the pairs with the shared trainer: the clips go in as a
@@ -62,28 +62,29 @@ def on_policy_pairs(generator, prompts: list[str], k: int, steps: int, guidance_
     from visalign.data import TensorPairs
     from visalign.eval.evaluate import sample_for_eval
     from visalign.preference_data import select_pairs
-    from visalign.testbed.video import VideoOracleReward
+    from visalign.testbed.video import video_oracle
 
-    judge = VideoOracleReward(mode="both")
-    winners, losers, texts, scores_all = [], [], [], []
+    winners, losers, texts, correct_all, winner_correct = [], [], [], [], []
     for start in range(0, len(prompts), 8):
         group = prompts[start:start + 8]
         clips = sample_for_eval(generator, group, k, steps, guidance_scale, seed, batch_size=8 * k)
-        scores = judge(clips, [p for p in group for _ in range(k)]).tolist()
-        scores_all += scores
+        verdict = video_oracle(clips, [p for p in group for _ in range(k)])
+        # testbed-video-oracle's "both" mode: the verdict plus half the smoothness orders clips it ties.
+        scores = (0.5 * verdict.correct.float() + 0.5 * verdict.smoothness).tolist()
+        correct = verdict.correct.tolist()
+        correct_all += correct
         for offset, prompt in enumerate(group):
             values = scores[offset * k:(offset + 1) * k]
             for w, l in select_pairs(values, "best-worst")[0]:
                 winners.append(clips[offset * k + w])
                 losers.append(clips[offset * k + l])
                 texts.append(prompt)
-    correct = [s >= 0.5 for s in scores_all]
+                winner_correct.append(correct[offset * k + w])
     if not texts:
         raise RuntimeError(f"no pairs: every prompt's {k} clips scored the same")
     pairs = TensorPairs(torch.stack(winners), torch.stack(losers), texts)
-    summary = {"prompts": len(prompts), "clips": len(scores_all), "pairs": len(texts),
-               "sample_accuracy": sum(correct) / len(correct),
-               "pairs_with_a_correct_winner": int((judge(pairs.winners, texts) >= 0.5).sum())}
+    summary = {"prompts": len(prompts), "clips": len(correct_all), "pairs": len(texts),
+               "sample_accuracy": sum(correct_all) / len(correct_all), "pairs_with_a_correct_winner": sum(winner_correct)}
     return pairs, summary
 
 

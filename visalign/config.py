@@ -28,6 +28,10 @@ import yaml
 
 T = TypeVar("T")
 
+# The help of every command's single_file_config field (sample, eval, train, preference-data, demo).
+SINGLE_FILE_CONFIG_HELP = ("for a single .safetensors checkpoint: a local diffusers folder of the same architecture "
+                           "whose configs diffusers maps it with (needed offline)")
+
 
 class ConfigError(ValueError):
     """A config file or override is wrong: unknown field, wrong type, unreadable file."""

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .config import ConfigError, configclass, field
+from .config import SINGLE_FILE_CONFIG_HELP, ConfigError, configclass, field
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +34,7 @@ ROUTE_LABELS = {"Steering (personal reward, no training)": "steer", "PPD (user-c
 @configclass
 class DemoConfig:
     model: str = field(str(TESTBED_MODEL), help="diffusers folder or single .safetensors file (default: the testbed model)")
-    single_file_config: str | None = field(None, help="for a single .safetensors checkpoint: a local diffusers folder of "
-                                           "the same architecture whose configs diffusers maps it with (needed offline)")
+    single_file_config: str | None = field(None, help=SINGLE_FILE_CONFIG_HELP)
     ppd: str | None = field(None, help="PPD user branch (safetensors); default: the testbed's when the model is the testbed's")
     encoder: str = field("testbed", help="image encoder of user embeddings: testbed, or an open_clip name/folder")
     pretrained: str | None = field(None, help="open_clip pretrained tag or file for encoder")

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError, configclass, field
+from .config import SINGLE_FILE_CONFIG_HELP, ConfigError, configclass, field
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +35,7 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets" / "testbed"
 @configclass
 class PreferenceDataConfig:
     model: str = field(str(ASSETS / "sd"), help="generator: diffusers folder, hub id or single file")
-    single_file_config: str | None = field(None, help="for a single .safetensors checkpoint: a local diffusers folder of "
-                                           "the same architecture whose configs diffusers maps it with (needed offline)")
+    single_file_config: str | None = field(None, help=SINGLE_FILE_CONFIG_HELP)
     lora: str | None = field(None, help="LoRA weights to sample with (on-policy data of a tuned model)")
     reward: str = field("testbed-oracle", help="reward name (rewards.load) or a saved reward folder")
     prompts: str = field("testbed:train", help="'testbed:train', 'testbed:heldout', or a text file of prompts")

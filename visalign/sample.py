@@ -10,14 +10,13 @@ import torch
 
 from pipelines.sample import SteeringConfig
 
-from .config import ConfigError, configclass, field
+from .config import SINGLE_FILE_CONFIG_HELP, ConfigError, configclass, field
 
 
 @configclass
 class SampleConfig:
     model: str = field(help="diffusers folder, hub repo id, or single .safetensors file")
-    single_file_config: str | None = field(None, help="for a single .safetensors checkpoint: a local diffusers folder of "
-                                           "the same architecture whose configs diffusers maps it with (needed offline)")
+    single_file_config: str | None = field(None, help=SINGLE_FILE_CONFIG_HELP)
     prompts: list[str] = field(default_factory=list, help="prompts (prompts='a red circle' or '[a, b]')")
     prompt_file: str | None = field(None, help="text file with one prompt per line (added to prompts)")
     family: str | None = field(None, help="sd, sdxl, sd3, modelscope, animatediff or wan; detected when omitted")

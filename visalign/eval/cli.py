@@ -4,15 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..config import ConfigError, configclass, field
+from ..config import SINGLE_FILE_CONFIG_HELP, ConfigError, configclass, field
 from ..testbed.build import ASSETS
 
 
 @configclass
 class EvalConfig:
     model: str = field(str(ASSETS / "sd"), help="diffusers folder or single .safetensors file (default: the testbed's SD base model)")
-    single_file_config: str | None = field(None, help="for a single .safetensors checkpoint: a local diffusers folder of "
-                                           "the same architecture whose configs diffusers maps it with (needed offline)")
+    single_file_config: str | None = field(None, help=SINGLE_FILE_CONFIG_HELP)
     lora: str | None = field(None, help="LoRA weights to evaluate on top of the model (the model alone is the base)")
     compare_base: bool = field(True, help="with lora: also evaluate the base model and report drift")
     rewards: list[str] = field(default_factory=list, help="learned rewards to report: registry names or saved reward folders")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..config import configclass, field
+from ..config import SINGLE_FILE_CONFIG_HELP, configclass, field
 from ..models.base import DEFAULT_LORA_TARGETS
 
 
@@ -19,8 +19,7 @@ class LoraConfig:
 @configclass
 class ModelConfig:
     path: str = field(help="diffusers folder, hub repo id, or single .safetensors file")
-    single_file_config: str | None = field(None, help="for a single .safetensors checkpoint: a local diffusers folder of "
-                                           "the same architecture whose configs diffusers maps it with (needed offline)")
+    single_file_config: str | None = field(None, help=SINGLE_FILE_CONFIG_HELP)
     family: str | None = field(None, help="sd, sdxl, sd3, modelscope, animatediff or wan (detected when omitted)")
     motion_adapter: str | None = field(None, help="an AnimateDiff motion adapter (folder or hub id) on top of an SD model")
     finetune: str = field("lora", help="lora (adapters; reference = adapters off) or full (reference = frozen copy)")
