@@ -242,7 +242,8 @@ def test_config_is_for_single_files_and_must_be_a_folder(tiny_model_dir, sd_sing
         load_generator("owner/model", config=config)
     with pytest.raises(ModelLoadError, match="single-file checkpoint .*missing.safetensors does not exist"):
         load_generator(tmp_path / "missing.safetensors", config=config)
-    for wrong in (tmp_path / "no-such-folder", path):  # a mistyped folder, the checkpoint itself
+    # a mistyped folder, the checkpoint itself, relative paths that cannot be hub ids
+    for wrong in (tmp_path / "no-such-folder", path, "../no-such-folder", "./cfg", "configs/sd/v1"):
         with pytest.raises(ModelLoadError, match="config .* is not a folder; expected a local diffusers folder"):
             load_generator(path, config=wrong)
     with pytest.raises(ModelLoadError, match="config 'no-such-folder' is not a local folder and could not be fetched"):

@@ -308,6 +308,7 @@ class Generator:
             dtype_kwargs,
             infer_single_file_family,
             is_hub_error,
+            is_repo_id,
             pipeline_class_for,
             read_model_index,
             verify_single_file_pipeline,
@@ -326,7 +327,7 @@ class Generator:
             )
         pipeline_class = pipeline_class_for(cls.family)
         local_config = config is not None and Path(config).is_dir()
-        if config is not None and not local_config and (Path(config).exists() or str(config).count("/") > 1):
+        if config is not None and not local_config and (Path(config).exists() or not is_repo_id(str(config))):
             raise ModelLoadError(
                 f"{path}: config {str(config)!r} is not a folder; expected a local diffusers folder (with "
                 f"model_index.json) of the same architecture, or a hub repo id"

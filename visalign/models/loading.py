@@ -166,6 +166,18 @@ class _LazyCheckpoint(dict):
         return self[key] if key in self else default
 
 
+def is_repo_id(name: str) -> bool:
+    """Whether ``name`` has the form of a hub repo id (``name`` or ``owner/name``, hub characters
+    only): what is not cannot be fetched, so a missing local path is reported as one."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
 def is_hub_error(error: BaseException) -> bool:
     """Whether ``error`` came from reaching (or failing to reach) the Hugging Face hub."""
     return type(error).__module__.startswith("huggingface_hub") or isinstance(error, (OSError, ConnectionError))
