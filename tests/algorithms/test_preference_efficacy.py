@@ -77,6 +77,15 @@ def test_flow_dpo_with_its_sft_term_on_learned_reward_pairs_raises_heldout_oracl
     assert dpo["gain_mean"] > 0.025, (dpo, "measured +0.044")
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not CLIP.is_file(), reason="no shipped CLIP-score-style testbed reward")
+def test_flow_kto_on_learned_reward_feedback_raises_heldout_oracle_accuracy(tmp_path, benchmark_script):
+    base, kto = _run(benchmark_script, tmp_path, "testbed-clip", images_per_prompt=4, model="sd3",
+                     extra=("--lr", "1e-3"))
+    _assert_raised(base, kto)
+    assert kto["gain_mean"] > 0.02, (kto, "measured +0.040")
+
+
 @pytest.mark.skipif(not CLIP.is_file(), reason="no shipped CLIP-score-style testbed reward")
 def test_short_form_dpo_and_kto_on_learned_reward_data_raise_heldout_oracle_accuracy(tmp_path, benchmark_script):
     """The CI-sized form of the claims above (a few minutes on the 2-core CPU): on-policy data
