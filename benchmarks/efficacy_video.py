@@ -7,7 +7,8 @@ pairs raise the held-out video-oracle accuracy of the testbed's base video model
    the smoothness score, which orders clips the verdict ties); the best and worst clip of a prompt
    make a pair when their scores differ (:func:`visalign.preference_data.select_pairs`).
 2. ``--objective`` (``dpo``, or ``sft`` on the winners as the baseline without a loser) trains
-   a LoRA on the pairs with the shared trainer: the clips go in as a
+   a LoRA (or, with ``--finetune motion_modules``, the motion modules alone: AnimateDiff's
+   recipe) on the pairs with the shared trainer: the clips go in as a
    :class:`visalign.data.TensorPairs` dataset, so the objective's code is the image one.
 3. Base and tuned models are evaluated on the *held-out* video prompts with ``--eval-seeds``
    noise seeds (the same for both); we report the mean paired gain and its standard error.
@@ -47,6 +48,8 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=8, help="pairs per step")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--finetune", default="lora", choices=("lora", "motion_modules"),
+                        help="LoRA on the whole UNet, or train the motion modules only (AnimateDiff's recipe)")
     parser.add_argument("--beta", type=float, default=1000.0, help="DPO beta (Salesforce meaning)")
     parser.add_argument("--eval-seeds", type=int, default=2)
     parser.add_argument("--eval-steps", type=int, default=10)
@@ -94,7 +97,7 @@ def train_on_pairs(generator, pairs, args, out: Path) -> None:
 
     options = {"beta": args.beta} if args.objective == "dpo" else {}
     config = load_config(TrainConfig, data={
-        "model": {"path": args.model, "motion_adapter": args.motion_adapter, "finetune": "lora",
+        "model": {"path": args.model, "motion_adapter": args.motion_adapter, "finetune": args.finetune,
                   "lora": {"rank": args.rank, "alpha": args.rank}},
         "objective": args.objective, "options": options,
         "optim": {"lr": args.lr, "lr_scheduler": "constant_with_warmup", "warmup_steps": 10, "weight_decay": 0.0},

@@ -383,6 +383,26 @@ class AnimateDiffGenerator(StableDiffusionVideoGenerator):
             return
         super()._check_folder_family(path, family, kwargs)
 
+    def enable_motion_module_training(self, snapshot_reference: bool = True) -> list[torch.nn.Parameter]:
+        """AnimateDiff's training: only the motion modules (the temporal transformers) learn, the
+        SD layers stay frozen. ``snapshot_reference`` keeps a frozen copy of the denoiser as the
+        reference (DPO-style objectives), as full fine-tuning does. Returns the trainable
+        parameters."""
+        self.enable_full_finetuning(snapshot_reference=snapshot_reference)
+        for name, param in self.denoiser.named_parameters():
+            param.requires_grad_("motion_modules" in name)
+        parameters = self.trainable_parameters()
+        if not parameters:
+            raise ValueError("this AnimateDiff denoiser has no motion_modules parameters")
+        return parameters
+
+    def save_motion_adapter(self, path: str | os.PathLike) -> Path:
+        """Write the (trained) motion modules as a diffusers ``MotionAdapter`` folder: load it
+        back on the SD model with ``load_generator(sd, motion_adapter=path)``."""
+        path = Path(path)
+        self.denoiser.save_motion_modules(str(path))
+        return path
+
     def check_num_frames(self, num_frames: int) -> None:
         super().check_num_frames(num_frames)
         limit = self.denoiser.config.motion_max_seq_length

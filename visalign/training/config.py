@@ -22,7 +22,9 @@ class ModelConfig:
     single_file_config: str | None = field(None, help=SINGLE_FILE_CONFIG_HELP)
     family: str | None = field(None, help="sd, sdxl, sd3, modelscope, animatediff or wan (detected when omitted)")
     motion_adapter: str | None = field(None, help="an AnimateDiff motion adapter (folder or hub id) on top of an SD model")
-    finetune: str = field("lora", help="lora (adapters; reference = adapters off) or full (reference = frozen copy)")
+    finetune: str = field("lora", help="lora (adapters; reference = adapters off), full (reference = frozen copy), or "
+                                       "motion_modules (AnimateDiff: only the temporal layers; reference = frozen copy; "
+                                       "saved as output_dir/motion_adapter)")
     lora: LoraConfig = field(default_factory=LoraConfig)
     dtype: str = field("auto", help="dtype of the frozen weights: auto (= mixed precision dtype), float32, float16, bfloat16")
     gradient_checkpointing: bool = field(False, help="recompute denoiser activations in backward")

@@ -72,8 +72,8 @@ class Trainer:
             raise ConfigError(f"on_nan must be 'error' or 'skip', got {config.on_nan!r}")
         if config.mixed_precision not in ("no", "fp16", "bf16"):
             raise ConfigError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {config.mixed_precision!r}")
-        if config.model.finetune not in ("lora", "full"):
-            raise ConfigError(f"model.finetune must be 'lora' or 'full', got {config.model.finetune!r}")
+        if config.model.finetune not in ("lora", "full", "motion_modules"):
+            raise ConfigError(f"model.finetune must be 'lora', 'full' or 'motion_modules', got {config.model.finetune!r}")
         self.config = config
         self.generator = generator
         self.objective = objective
@@ -166,6 +166,14 @@ class Trainer:
         elif component == "denoiser":
             if config.finetune == "lora":
                 parameters = self._add_lora()
+            elif config.finetune == "motion_modules":
+                if not hasattr(self.generator, "enable_motion_module_training"):
+                    raise ConfigError(
+                        f"model.finetune=motion_modules trains an AnimateDiff model's motion modules; this "
+                        f"{self.generator.family!r} model has none (give an SD model a motion adapter with "
+                        f"model.motion_adapter=..., or use lora / full)")
+                parameters = self.generator.enable_motion_module_training(
+                    snapshot_reference=self.objective.needs_reference)
             else:
                 parameters = self.generator.enable_full_finetuning(snapshot_reference=self.objective.needs_reference)
             if config.gradient_checkpointing:
@@ -579,6 +587,7 @@ class Trainer:
 
     def save_final(self) -> Path | None:
         """LoRA → ``output_dir/lora`` (``pipe.load_lora_weights`` reads it); full → ``output_dir/model``;
+        motion modules → ``output_dir/motion_adapter`` (a ``MotionAdapter`` folder);
         an objective's own layers → wherever its ``save_trained`` writes (PPD:
         ``output_dir/user_branch.safetensors``; its path is returned, LoRA also saved when trained)."""
         self.accelerator.wait_for_everyone()
@@ -594,6 +603,8 @@ class Trainer:
                 if self.trains_lora:
                     lora_path = self.generator.save_lora(self.output_dir / "lora")
                     path = path or lora_path
+                elif self.config.model.finetune == "motion_modules" and not self.trains_owned:
+                    path = self.generator.save_motion_adapter(self.output_dir / "motion_adapter")
                 elif not self.trains_owned:
                     path = self.generator.save_pretrained(self.output_dir / "model")
             finally:
