@@ -54,6 +54,8 @@ def parse_args(argv=None):
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--beta", type=float, default=5000.0, help="Salesforce beta, both objectives")
+    parser.add_argument("--sft-weight", type=float, default=0.0,
+                        help="denoising loss on the best image (RankDPO) / the winner (DPO), both objectives")
     parser.add_argument("--normalize", default="none", help="RankDPO weight normalisation: none or weights")
     parser.add_argument("--train-seed", type=int, default=0)
     parser.add_argument("--eval-seeds", type=int, default=3)
@@ -85,7 +87,7 @@ def train_objective(objective: str, data: Path, args, out: Path) -> Path:
     from visalign.config import load_config
     from visalign.training import TrainConfig, train
 
-    options = {"beta": args.beta}
+    options = {"beta": args.beta, "sft_weight": args.sft_weight}
     if objective == "rankdpo":
         options["normalize"] = args.normalize
         loader, batch = {"drop_flat": True}, args.rank_batch

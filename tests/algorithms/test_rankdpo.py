@@ -193,6 +193,28 @@ def test_objective_with_k2_equals_the_dpo_objective(tiny_model_dir, family):
     assert metrics["margin"] == pytest.approx(dpo_metrics["margin"], rel=1e-5) and metrics["margin"] != 0
 
 
+def test_sft_term_on_the_best_image_equals_dpo_with_its_sft_term_at_k2(tiny_model_dir):
+    generator, _ = lora_generator(tiny_model_dir, "sd", perturb=0.05)
+    # k = 2, the winner second: the term must follow phi, not the slot.
+    ranking = cache(generator, ranking_batch(generator, prompts=3, k=2, phi=torch.tensor([[0.0, 1.0]] * 3)))
+    cached = ranking["cached"]
+    pairs = {"prompts": ranking["prompts"], "winner": ranking["images"][:, 1], "loser": ranking["images"][:, 0],
+             "label": torch.ones(3),
+             "cached": {"winner": cached["images"][:, 1], "loser": cached["images"][:, 0], "cond": cached["cond"]}}
+    dpo, metrics = DiffusionDPO(generator, DPOOptions(beta=2000.0, sft_weight=3.0)).loss(pairs, rng())
+    ranked, _ = RankDPO(generator, RankDPOOptions(beta=2000.0, weighting="uniform", sft_weight=3.0)).loss(ranking, rng())
+    plain, _ = RankDPO(generator, RankDPOOptions(beta=2000.0, weighting="uniform")).loss(ranking, rng())
+    torch.testing.assert_close(ranked, dpo)
+    assert ranked.item() == pytest.approx(plain.item() + 3.0 * metrics["mse_winner"], rel=1e-5)
+    # A padded slot is never the "best" image even when its score is the largest.
+    padded = ranking_batch(generator, prompts=2, k=3, phi=torch.tensor([[0.2, 0.1, 9.0], [0.5, 0.3, 0.1]]))
+    padded["mask"][0, 2] = False
+    with_pad, _ = RankDPO(generator, RankDPOOptions(sft_weight=1.0)).loss(padded, rng())
+    padded["scores"] = torch.tensor([[0.2, 0.1, -1.0], [0.5, 0.3, 0.1]])  # the pad's score no longer matters
+    expected, _ = RankDPO(generator, RankDPOOptions(sft_weight=1.0)).loss(padded, rng())
+    torch.testing.assert_close(with_pad, expected)
+
+
 def test_k_images_share_noise_and_timestep_policy_runs_once_reference_in_chunks(tiny_model_dir):
     generator, _ = lora_generator(tiny_model_dir, "sd", perturb=0.05)
     seen = []

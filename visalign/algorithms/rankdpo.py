@@ -127,6 +127,8 @@ class RankDPOOptions:
     reference_chunk_size: int = field(0, help="images per reference forward (0: all in one call); bounds "
                                               "memory as k grows")
     prompt_dropout: float = field(0.0, help="probability of training a prompt's ranking with the empty prompt")
+    sft_weight: float = field(0.0, help="weight of an extra denoising loss on each ranking's best image (not in "
+                                        "the paper; Diffusion-DPO's guard against every likelihood falling)")
 
 
 @register_objective("rankdpo")
@@ -190,6 +192,11 @@ class RankDPO(Objective):
             options.rank_source, options.weighting, options.normalize, options.loss_type,
         )
         loss = per_prompt.mean()
+        if options.sft_weight:
+            # The best image by label (phi) of each ranking; the first such slot on ties, never a pad.
+            phi = batch["scores"].to(policy.device).float().masked_fill(~mask.to(policy.device), float("-inf"))
+            best = policy.view(prompts, k).gather(1, phi.argmax(dim=1, keepdim=True)).squeeze(1)
+            loss = loss + options.sft_weight * best.mean()
         pairs = parts["pairs"]
         z = parts["z"].detach()[pairs]
         metrics = {
