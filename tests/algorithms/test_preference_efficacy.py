@@ -81,21 +81,22 @@ def test_flow_kto_on_learned_reward_feedback_raises_heldout_oracle_accuracy(tmp_
 
 @pytest.mark.skipif(not CLIP.is_file(), reason="no shipped CLIP-score-style testbed reward")
 def test_short_form_dpo_and_kto_on_learned_reward_data_raise_heldout_oracle_accuracy(tmp_path, benchmark_script):
-    """The CI-sized form of the claims above (a few minutes on the 2-core CPU): on-policy data
-    from 48 train prompts x 4 samples of the shipped SD model at 10 sampling steps, labelled by
-    the learned reward ``testbed-clip``; DPO with its SFT term (beta 1000, ``sft_weight`` 250) and
-    KTO, 40 steps of 8, lr 1e-3; held-out accuracy on 95 prompts x 2 images, one noise seed (the
-    same noise for every model). Measured (RESULTS.md, session 9): base 0.026, DPO + SFT 0.079,
-    KTO 0.063; the assertion asks for +4 images of 190 each. One seed cannot separate a gain from
-    noise: the slow tests above do that; this one fails when the recipe stops moving the model
-    the right way."""
+    """The CI-sized form of the claims above (about 4 minutes on one core): on-policy data from 48
+    train prompts x 4 samples of the shipped SD model at 10 sampling steps, labelled by the learned
+    reward ``testbed-clip``; DPO with its SFT term (beta 1000, ``sft_weight`` 250) and KTO, 40 steps
+    of 8, lr 1e-3; held-out accuracy on the 95 held-out prompts x 1 image, one noise seed (the same
+    noise for every model). Measured (RESULTS.md, session 9): base 0.032, DPO + SFT 0.063 (+3
+    images of 95), KTO 0.084 (+5); the assertion asks for +2 each, a higher GenEval score, and a
+    rise of the labeller's score under DPO. One seed cannot separate a gain from noise: the slow
+    tests above do that; this one fails when the recipe stops moving the model the right way."""
     base, dpo, kto = _run(benchmark_script, tmp_path, "testbed-clip", images_per_prompt=4, objective="dpo,kto",
                           extra=("--max-prompts", "48", "--steps", "40", "--batch-size", "8", "--lr", "1e-3",
-                                 "--beta", "1000", "--sft-weight", "250", "--eval-seeds", "1", "--sample-steps", "10"))
+                                 "--beta", "1000", "--sft-weight", "250", "--eval-seeds", "1", "--eval-images", "1",
+                                 "--sample-steps", "10"))
     for tuned in (dpo, kto):
-        assert tuned["accuracy_mean"] - base["accuracy_mean"] >= 4 / 190 - 1e-6, (base, tuned)
+        assert tuned["accuracy_mean"] - base["accuracy_mean"] >= 2 / 95 - 1e-6, (base, tuned)
         assert tuned["geneval_mean"] > base["geneval_mean"], (base, tuned)
-    assert dpo["reward_gain"]["testbed-clip"] > 0, dpo  # DPO moved towards its labeller
+    assert dpo["reward_gain"]["testbed-clip"] > 0.02, dpo  # DPO moved towards its labeller (measured +0.057)
 
 
 @pytest.mark.slow
