@@ -134,15 +134,11 @@ def train_motion_adapter(generator, options: VideoModelBuildOptions, progress: b
     from .video import video_prompts
 
     unet = generator.denoiser
-    params = []
-    for name, param in unet.named_parameters():
-        param.requires_grad_("motion_modules" in name)
-        if param.requires_grad:
-            params.append(param)
+    if not hasattr(generator, "enable_motion_module_training"):
+        raise ValueError("the generator's denoiser has no motion modules to train (not an animatediff generator?)")
+    params = generator.enable_motion_module_training(snapshot_reference=False)  # the loss needs no reference
     for module in (generator.vae, generator.pipe.text_encoder):
         module.requires_grad_(False)
-    if not params:
-        raise ValueError("the generator's denoiser has no motion modules to train (not an animatediff generator?)")
     optimizer = torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay)
 
     def schedule(step: int) -> float:

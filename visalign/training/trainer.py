@@ -603,7 +603,7 @@ class Trainer:
                 if self.trains_lora:
                     lora_path = self.generator.save_lora(self.output_dir / "lora")
                     path = path or lora_path
-                elif self.config.model.finetune == "motion_modules" and not self.trains_owned:
+                elif self.config.model.finetune == "motion_modules":  # (own layers need finetune=lora)
                     path = self.generator.save_motion_adapter(self.output_dir / "motion_adapter")
                 elif not self.trains_owned:
                     path = self.generator.save_pretrained(self.output_dir / "model")
