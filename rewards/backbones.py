@@ -306,8 +306,11 @@ _RESAMPLE_NAMES = {2: "bilinear", 3: "bicubic"}
 
 
 def _is_local_reference(path: str | os.PathLike) -> bool:
+    """Whether ``path`` names a local folder: it exists, or it cannot be a hub repo id."""
+    from visalign.models.loading import is_repo_id
+
     text = str(path)
-    return Path(text).expanduser().exists() or text.startswith(("/", ".", "~")) or text.count("/") > 1 or os.sep == "\\" and "\\" in text
+    return Path(text).expanduser().exists() or not is_repo_id(text)
 
 
 class TransformersClipBackbone(nn.Module):

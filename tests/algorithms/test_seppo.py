@@ -127,6 +127,28 @@ def test_at_initialisation_the_tie_gives_mu_plus_one_and_ln2(tiny_model_dir, fam
     assert any(g is not None and g.abs().sum() > 0 for g in grads)
 
 
+
+def test_sft_term_adds_the_weighted_winner_mse_to_loss_and_gradient(tiny_model_dir):
+    """sft_weight w: loss = SePPO loss + w * mean anchor MSE (the same noise and timestep), so the
+    gradient difference is w times the gradient of the anchors' denoising loss."""
+    generator, trainable = lora_generator(tiny_model_dir)
+    perturb(trainable)
+    batch = caption_batch(generator)
+    losses, grads = {}, {}
+    for w in (0.0, 3.0):
+        objective = SePPO(generator, SePPOOptions(beta=200.0, sft_weight=w, **FAST))
+        objective.start()
+        objective.select_reference(0)
+        loss, metrics = objective.loss(batch, rng())
+        losses[w], grads[w] = loss, torch.autograd.grad(loss, trainable, allow_unused=True)
+        assert metrics["loss"] == pytest.approx(loss.item())
+    winner_mse = metrics["mse_winner"]
+    assert winner_mse > 0
+    assert losses[3.0].item() == pytest.approx(losses[0.0].item() + 3.0 * winner_mse, rel=1e-5)
+    assert any(a is not None and not torch.allclose(a, b) for a, b in zip(grads[3.0], grads[0.0]))
+    with pytest.raises(ConfigError, match="sft_weight"):
+        SePPO(generator, SePPOOptions(sft_weight=-1.0))
+
 def test_options_are_checked():
     with pytest.raises(ConfigError, match="reference_strategy"):
         SePPO(None, SePPOOptions(reference_strategy="best"))

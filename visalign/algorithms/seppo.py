@@ -180,6 +180,8 @@ class SePPOOptions:
     guidance_scale: float = field(7.5, help="reference sampler CFG scale")
     cache_size: int = field(4096, help="reference samples cached per (checkpoint, prompt); 0 turns the cache off")
     prompt_dropout: float = field(0.0, help="probability of training a sample with the empty prompt")
+    sft_weight: float = field(0.0, help="weight of an extra denoising loss on the winners (visalign's addition, "
+                                        "as DPO's: about beta / 4 keeps the anchors' likelihood rising)")
 
 
 @register_objective("seppo")
@@ -208,6 +210,8 @@ class SePPO(Objective):
             raise ConfigError(f"options.pool_size and options.save_every must be >= 1, got {o.pool_size}, {o.save_every}")
         if o.beta <= 0:
             raise ConfigError(f"options.beta must be positive, got {o.beta}")
+        if o.sft_weight < 0:
+            raise ConfigError(f"options.sft_weight must be >= 0, got {o.sft_weight}")
         self.pool = CheckpointPool(o.pool_size)
         self.cache: OrderedDict[tuple[int, str], Tensor] = OrderedDict()
         self.seed = 0
@@ -336,6 +340,8 @@ class SePPO(Objective):
         mu = anchor_flipper(policy[:, 0], reference[:, 0], self.options.flipper, self.options.tie)
         z = seppo_logits(policy[:, 0], policy[:, 1], reference[:, 0], reference[:, 1], mu, self.options.beta)
         loss = dpo_loss_from_logits(z, self.options.loss_type).mean()
+        if self.options.sft_weight:
+            loss = loss + self.options.sft_weight * policy[:, 0].mean()
         metrics = {
             "loss": loss.detach().item(),
             "mu_mean": mu.mean().item(),
