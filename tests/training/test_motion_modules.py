@@ -59,6 +59,31 @@ def test_trainer_trains_only_the_motion_modules_and_saves_a_motion_adapter(tiny_
         torch.testing.assert_close(saved[name].detach(), trained[name].detach())
 
 
+
+def test_the_reference_copies_only_the_motion_modules(tiny_model_dir):
+    """The frozen SD layers are shared with the policy (the same tensors: no second UNet in
+    memory); the motion modules are the reference's own, frozen, and stay put while the policy's
+    move."""
+    gen = load_generator(tiny_model_dir("animatediff"), num_frames=4, height=32, width=32)
+    trainable = gen.enable_motion_module_training()
+    with gen.reference()._reference_denoiser() as frozen:
+        reference = dict(frozen.named_parameters())
+    policy = dict(gen.denoiser.named_parameters())
+    assert set(reference) == set(policy)
+    motion = [n for n in policy if "motion_modules" in n]
+    assert motion and len(motion) < len(policy)
+    for name, param in policy.items():
+        if "motion_modules" in name:
+            assert reference[name] is not param and reference[name].data_ptr() != param.data_ptr()
+            assert param.requires_grad and not reference[name].requires_grad
+            torch.testing.assert_close(reference[name], param)
+        else:
+            assert reference[name] is param and not param.requires_grad
+    with torch.no_grad():
+        for p in trainable:
+            p.add_(0.1)
+    assert all(not torch.equal(reference[n], policy[n]) for n in motion)
+
 def test_motion_modules_needs_an_animatediff_model(tiny_model_dir, tmp_path):
     with pytest.raises(ConfigError, match="motion_modules trains an AnimateDiff model's motion modules; this 'sd' model"):
         train(_config(tiny_model_dir("sd"), tmp_path / "run"), dataset=_images())

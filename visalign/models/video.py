@@ -35,6 +35,7 @@ Conventions, on top of the image ones (docs/architecture.md):
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import inspect
 import os
@@ -385,16 +386,26 @@ class AnimateDiffGenerator(StableDiffusionVideoGenerator):
 
     def enable_motion_module_training(self, snapshot_reference: bool = True) -> list[torch.nn.Parameter]:
         """AnimateDiff's training: only the motion modules (the temporal transformers) learn, the
-        SD layers stay frozen. ``snapshot_reference`` keeps a frozen copy of the denoiser as the
-        reference (DPO-style objectives), as full fine-tuning does. Returns the trainable
-        parameters."""
-        self.enable_full_finetuning(snapshot_reference=snapshot_reference)
-        for name, param in self.denoiser.named_parameters():
-            param.requires_grad_("motion_modules" in name)
-        parameters = self.trainable_parameters()
-        if not parameters:
+        SD layers stay frozen. ``snapshot_reference`` keeps a frozen reference (DPO-style
+        objectives): a copy of the motion modules only, whose frozen SD layers *are* the
+        policy's (shared tensors, which never change), so the reference costs the motion modules'
+        memory, not a second UNet. Returns the trainable parameters."""
+        named = dict(self.denoiser.named_parameters())
+        if not any("motion_modules" in name for name in named):
             raise ValueError("this AnimateDiff denoiser has no motion_modules parameters")
-        return parameters
+        if snapshot_reference and self._reference_module is None:
+            # deepcopy's memo maps each frozen tensor to itself: the copy shares it.
+            frozen = {name: p for name, p in named.items() if "motion_modules" not in name}
+            memo = {id(p): p for p in frozen.values()}
+            memo.update({id(b): b for b in self.denoiser.buffers()})
+            reference = copy.deepcopy(self.denoiser, memo)
+            for name, param in reference.named_parameters():
+                if name not in frozen:
+                    param.requires_grad_(False)
+            self._reference_module = reference.eval()
+        for name, param in named.items():
+            param.requires_grad_("motion_modules" in name)
+        return self.trainable_parameters()
 
     def save_motion_adapter(self, path: str | os.PathLike) -> Path:
         """Write the (trained) motion modules as a diffusers ``MotionAdapter`` folder: load it

@@ -23,7 +23,7 @@ class ModelConfig:
     family: str | None = field(None, help="sd, sdxl, sd3, modelscope, animatediff or wan (detected when omitted)")
     motion_adapter: str | None = field(None, help="an AnimateDiff motion adapter (folder or hub id) on top of an SD model")
     finetune: str = field("lora", help="lora (adapters; reference = adapters off), full (reference = frozen copy), or "
-                                       "motion_modules (AnimateDiff: only the temporal layers; reference = frozen copy; "
+                                       "motion_modules (AnimateDiff: only the temporal layers; reference = a frozen copy of them; "
                                        "saved as output_dir/motion_adapter)")
     lora: LoraConfig = field(default_factory=LoraConfig)
     dtype: str = field("auto", help="dtype of the frozen weights: auto (= mixed precision dtype), float32, float16, bfloat16")
