@@ -37,6 +37,7 @@ from visalign.data.records import (
     RankingRecord,
     Record,
     SkippedRecord,
+    load_clip,
     load_image,
 )
 from visalign.data.skips import NoUsableRecordsError, SkipCounter
@@ -67,6 +68,7 @@ __all__ = [
     "from_hf_dataset",
     "load_captions",
     "load_hpdv2",
+    "load_clip",
     "load_image",
     "load_jsonl",
     "load_parquet",

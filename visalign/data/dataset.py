@@ -32,6 +32,7 @@ from visalign.data.records import (
     PairRecord,
     RankingRecord,
     SkippedRecord,
+    load_clip,
     load_image,
 )
 from visalign.data.skips import NoUsableRecordsError
@@ -53,12 +54,21 @@ class RecordDataset(Dataset):
         records: the table (from a loader in :mod:`visalign.data.loaders`).
         transform: the image preprocessing, shared by all images of one record.
         seed: base seed of the augmentations.
+        clips: every image source is a clip (:func:`~visalign.data.records.load_clip`: a video
+            file, a folder of frames, a list of frame sources); a sample then holds
+            ``[F, 3, H, W]`` per image, every frame of a record cropped and flipped alike.
+        num_frames: clips only: keep the first ``num_frames`` frames; a shorter clip is skipped
+            and counted. Without it the clips of one record must have equal lengths, and those
+            of a batch too.
 
     A sample is a dict; :func:`collate` turns a list of them into a batch (see there for
     the keys and shapes).
     """
 
-    def __init__(self, records: RecordTable, transform: ImageTransform, *, seed: int = 0, in_memory: bool = False):
+    def __init__(self, records: RecordTable, transform: ImageTransform, *, seed: int = 0, in_memory: bool = False,
+                 clips: bool = False, num_frames: int | None = None):
+        if num_frames is not None and (not clips or num_frames < 1):
+            raise ValueError(f"num_frames={num_frames} needs clips=True and a value >= 1")
         if len(records) == 0:
             dropped = "; ".join(f"{count} {reason}" for reason, count in records.dropped.items())
             raise NoUsableRecordsError(
@@ -67,6 +77,8 @@ class RecordDataset(Dataset):
         self.records = records
         self.transform = transform
         self.seed = int(seed)
+        self.clips = bool(clips)
+        self.num_frames = num_frames
         self.epoch = 0
         self._decoded: list | None = None
         if in_memory:
@@ -86,13 +98,13 @@ class RecordDataset(Dataset):
         decoded, pixels, bad = [], 0, 0
         for index in tqdm(range(len(self.records)), desc="decoding images", unit="record", leave=False):
             try:
-                images = _decode(_image_sources(self.records[index]))
+                images = self._decode(self.records[index])
             except BadRecordError as error:
                 decoded.append(error)
                 bad += 1
                 continue
             decoded.append(images)
-            pixels += sum(image.width * image.height for image in images)
+            pixels += sum(image.width * image.height for image in _frames(images))
         self._decoded = decoded
         logger.info("%s: %d records decoded into memory (%.1f MB of RGB)%s", self.records.description, len(decoded),
                     3 * pixels / 2**20, f", {bad} unusable" if bad else "")
@@ -145,12 +157,14 @@ class RecordDataset(Dataset):
         rng = np.random.default_rng([self.seed, self.epoch, slot])
         sample: dict[str, Any] = {"kind": self.kind, "index": index, "prompt": record.prompt}
         if self._decoded is None:
-            images = _decode(_image_sources(record))
+            images = self._decode(record)
         else:
             images = self._decoded[index]
             if isinstance(images, BadRecordError):
                 raise images
-        pixels, geometry = self.transform(images, rng)
+        pixels, geometry = self.transform(_frames(images), rng)
+        if self.clips:  # [k * F, 3, H, W] -> [k, F, 3, H, W]
+            pixels = pixels.unflatten(0, (len(images), len(images[0])))
         if isinstance(record, PairRecord):
             sample.update(winner=pixels[0], loser=pixels[1], label=record.label, user_id=record.user_id)
         elif isinstance(record, RankingRecord):
@@ -161,6 +175,28 @@ class RecordDataset(Dataset):
             sample.update(image=pixels[0])
         sample.update(original_size=geometry.original_size, crop_top_left=geometry.crop_top_left)
         return sample
+
+
+    def _decode(self, record) -> list:
+        """The record's images (``PIL.Image`` each), or its clips (a list of frames each)."""
+        if not self.clips:
+            return _decode(_image_sources(record))
+        clips = []
+        for name, source in _image_sources(record).items():
+            try:
+                clips.append(load_clip(source, self.num_frames))
+            except BadRecordError as error:
+                raise BadRecordError(error.category, f"{name}: {error.detail}") from error
+        lengths = {len(clip) for clip in clips}
+        if len(lengths) > 1:
+            raise BadRecordError("clip length mismatch", f"clips of {sorted(lengths)} frames in one record "
+                                                         "(set num_frames to cut them to one length)")
+        return clips
+
+
+def _frames(images: list) -> list:
+    """Images as they are; clips flattened into their frames, clip by clip."""
+    return [frame for item in images for frame in (item if isinstance(item, list) else [item])]
 
 
 def _image_sources(record) -> dict[str, Any]:
@@ -204,7 +240,8 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
         ``skipped``: ``list[SkippedRecord]`` that were passed over to fill this batch; feed
         it to a :class:`SkipCounter` in the main process.
 
-    Per kind (images are float32 in [0, 1]):
+    Per kind (images are float32 in [0, 1]; from a ``clips`` dataset every ``3, H, W`` below is
+    ``F, 3, H, W``):
         pair: ``winner``, ``loser``: ``[B, 3, H, W]``; ``label``: ``[B]`` probability that
         the winner is preferred (1.0, or 0.5 for a kept tie); ``user_ids``: list.
         ranking: ``images``: ``[B, K, 3, H, W]``; ``scores``: ``[B, K]`` (higher is better);
@@ -227,14 +264,17 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
         "skipped": [item for sample in samples for item in sample["skipped"]],
     }
     if kind == "pair":
-        batch["winner"] = torch.stack([sample["winner"] for sample in samples])
-        batch["loser"] = torch.stack([sample["loser"] for sample in samples])
+        batch["winner"] = _stack(samples, "winner")
+        batch["loser"] = _stack(samples, "loser")
         batch["label"] = torch.tensor([sample["label"] for sample in samples], dtype=torch.float32)
         batch["user_ids"] = [sample["user_id"] for sample in samples]
     elif kind == "ranking":
         max_k = max(sample["images"].shape[0] for sample in samples)
-        height, width = samples[0]["images"].shape[-2:]
-        images = torch.zeros(len(samples), max_k, 3, height, width)
+        shapes = {tuple(sample["images"].shape[1:]) for sample in samples}
+        if len(shapes) > 1:
+            raise ValueError(f"collate: ranking images of different shapes {sorted(shapes)} in one batch (clips of "
+                             "different lengths? set num_frames / data.num_frames)")
+        images = torch.zeros(len(samples), max_k, *shapes.pop())
         scores = torch.zeros(len(samples), max_k)
         mask = torch.zeros(len(samples), max_k, dtype=torch.bool)
         for row, sample in enumerate(samples):
@@ -244,14 +284,22 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
             mask[row, :k] = True
         batch.update(images=images, scores=scores, mask=mask, user_ids=[sample["user_id"] for sample in samples])
     elif kind == "feedback":
-        batch["images"] = torch.stack([sample["image"] for sample in samples])
+        batch["images"] = _stack(samples, "image")
         batch["labels"] = torch.tensor([sample["label"] for sample in samples], dtype=torch.float32)
         batch["user_ids"] = [sample["user_id"] for sample in samples]
     elif kind == "caption":
-        batch["images"] = torch.stack([sample["image"] for sample in samples])
+        batch["images"] = _stack(samples, "image")
     else:
         raise ValueError(f"unknown sample kind {kind!r}")
     return batch
+
+
+def _stack(samples: list[dict[str, Any]], key: str) -> torch.Tensor:
+    shapes = {tuple(sample[key].shape) for sample in samples}
+    if len(shapes) > 1:
+        raise ValueError(f"collate: {key!r} tensors of different shapes {sorted(shapes)} in one batch (clips of "
+                         "different lengths? set num_frames / data.num_frames)")
+    return torch.stack([sample[key] for sample in samples])
 
 
 class TensorPairs(Dataset):

@@ -156,3 +156,105 @@ def load_image(source: ImageSource) -> Image.Image:
         else:
             message = f"{type(error).__name__}: {error}"
         raise BadRecordError("corrupt image", f"{where}: {message}") from error
+
+
+# --------------------------------------------------------------------------- clips
+
+FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def _natural_key(name: str) -> list:
+    """``frame_2.png`` before ``frame_10.png``."""
+    import re
+
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def _read_video(source: Any, where: str) -> list[Image.Image]:
+    """Every frame of a video file or encoded bytes (GIF, animated WebP/PNG through Pillow; MP4,
+    WebM, ... through imageio's ffmpeg plugin: ``pip install 'visalign[video]'``)."""
+    import imageio.v3 as iio
+    import numpy as np
+
+    try:
+        frames = iio.imread(source, index=None)
+    except Exception as error:  # imageio raises plugin-specific types
+        hint = ""
+        if "ffmpeg" in str(error).lower() or "plugin" in str(error).lower():
+            hint = " (reading MP4/WebM needs imageio-ffmpeg: pip install 'visalign[video]')"
+        raise BadRecordError("corrupt clip", f"{where}: {type(error).__name__}: {error}{hint}") from error
+    frames = np.asarray(frames)
+    if frames.ndim in (2, 3) and not (frames.ndim == 3 and frames.shape[-1] not in (1, 3, 4)):
+        frames = frames[None]  # a still image: one frame
+    if frames.ndim == 3:  # [F, H, W] greyscale
+        frames = frames[..., None]
+    if frames.ndim != 4 or frames.shape[0] == 0 or 0 in frames.shape[1:3]:
+        raise BadRecordError("corrupt clip", f"{where}: decoded to an array of shape {tuple(frames.shape)}")
+    if frames.dtype != np.uint8:
+        raise BadRecordError("corrupt clip", f"{where}: frames of dtype {frames.dtype}, expected 8-bit")
+    return [Image.fromarray(frame.squeeze(-1) if frame.shape[-1] == 1 else frame).convert("RGB") for frame in frames]
+
+
+def load_clip(source: Any, num_frames: int | None = None) -> list[Image.Image]:
+    """Decode a clip into its RGB frames (``PIL.Image``, all of one size).
+
+    ``source`` is a video file (GIF, animated WebP/PNG; MP4/WebM with imageio-ffmpeg), a folder
+    of frame images (taken in natural order: ``2.png`` before ``10.png``), a list of frame
+    sources (each as :func:`load_image` takes), encoded bytes, or a ``{"bytes", "path"}`` dict.
+    With ``num_frames`` the first ``num_frames`` frames are kept, and a shorter clip is a bad
+    record.
+
+    Raises:
+        BadRecordError: "missing clip" (null, no such file or folder, a folder without frames),
+            "corrupt clip" (undecodable, frames of different sizes), "short clip".
+    """
+    if source is None:
+        raise BadRecordError("missing clip", "clip is null")
+    if isinstance(source, dict):
+        if source.get("bytes") is not None:
+            return load_clip(source["bytes"], num_frames)
+        if source.get("path") is not None:
+            return load_clip(source["path"], num_frames)
+        raise BadRecordError("missing clip", "clip dict has neither 'bytes' nor 'path'")
+    if isinstance(source, (list, tuple)):
+        where = f"list of {len(source)} frames"
+        if not source:
+            raise BadRecordError("missing clip", "clip has no frames")
+        frames = []
+        for i, frame in enumerate(source):
+            try:
+                frames.append(load_image(frame))
+            except BadRecordError as error:
+                raise BadRecordError(error.category, f"frame {i}: {error.detail}") from error
+    elif isinstance(source, (bytes, bytearray, memoryview)):
+        where = f"clip bytes ({len(source)} bytes)"
+        if len(source) == 0:
+            raise BadRecordError("missing clip", "clip bytes are empty")
+        frames = _read_video(bytes(source), where)
+    elif isinstance(source, (str, os.PathLike)):
+        where = os.fspath(source)
+        if os.path.isdir(where):
+            names = sorted((n for n in os.listdir(where) if n.lower().endswith(FRAME_SUFFIXES)), key=_natural_key)
+            if not names:
+                raise BadRecordError("missing clip", f"{where}: a folder with no frame images ({', '.join(FRAME_SUFFIXES)})")
+            frames = []
+            for name in names:
+                try:
+                    frames.append(load_image(os.path.join(where, name)))
+                except BadRecordError as error:
+                    raise BadRecordError("corrupt clip", f"{error.detail}") from error
+        elif os.path.isfile(where):
+            frames = _read_video(where, where)
+        else:
+            raise BadRecordError("missing clip", f"no such file or folder: {where}")
+    else:
+        raise BadRecordError("invalid record", f"clip source of type {type(source).__name__} is not supported")
+    sizes = {frame.size for frame in frames}
+    if len(sizes) > 1:
+        raise BadRecordError("corrupt clip", f"{where}: frames of different sizes {sorted(sizes)}")
+    if num_frames is not None:
+        if len(frames) < num_frames:
+            raise BadRecordError("short clip", f"{where}: {len(frames)} frames, num_frames={num_frames} needed")
+        frames = frames[:num_frames]
+    return frames
+

@@ -44,6 +44,10 @@ class DataConfig:
     ties: str = field("drop", help="pair data: drop or keep ties")
     num_workers: int = field(0, help="DataLoader worker processes")
     in_memory: bool = field(False, help="decode every image once before training and keep it in memory (small datasets)")
+    clips: bool | None = field(None, help="read every image source as a clip (video file, folder of frames); "
+                                          "default: true for a video model")
+    num_frames: int | None = field(None, help="clips: keep the first num_frames frames (shorter clips are skipped and "
+                                              "counted); default: the video model's num_frames")
     cache_dir: str | None = field(None, help="cache VAE latents and text embeddings here (needs random_crop/flip off)")
     options: dict[str, Any] = field(default_factory=dict, help="extra loader options")
 

@@ -279,7 +279,18 @@ class Trainer:
                 random_crop=config.data.random_crop,
                 random_flip=config.data.random_flip,
             )
-            self.dataset = RecordDataset(records, transform, seed=config.seed, in_memory=config.data.in_memory)
+            clips = config.data.clips if config.data.clips is not None else bool(self.generator.is_video)
+            num_frames = config.data.num_frames
+            if clips and num_frames is None:
+                num_frames = getattr(self.generator, "num_frames", None)
+            if clips and not self.generator.is_video:
+                raise ConfigError("data.clips: true needs a video model; this one makes images")
+            if not clips and num_frames is not None:
+                raise ConfigError("data.num_frames is for clips: set data.clips: true (or train a video model)")
+            if clips and config.data.cache_dir:
+                raise ConfigError("data.cache_dir caches image latents; it does not take clips yet: unset it")
+            self.dataset = RecordDataset(records, transform, seed=config.seed, in_memory=config.data.in_memory,
+                                         clips=clips, num_frames=num_frames)
         if self.dataset.kind not in kinds:
             raise ConfigError(
                 f"objective {config.objective!r} trains on {'/'.join(kinds)} data, but {config.data.path} holds "
