@@ -113,9 +113,24 @@ def feedback_labels(scores: list[float], threshold: float | None = None) -> list
     return [None if s == median else s > median for s in scores]
 
 
-def build_preference_data(config: PreferenceDataConfig, generator=None, reward=None, progress: bool = True) -> dict:
-    """Sample, score and write; returns the summary (also written to ``out/summary.json``)."""
+def _save_sample(array, out: Path, stem: str) -> str:
+    """An image as ``<stem>.png``; a clip as the folder ``<stem>/`` of lossless PNG frames (what
+    ``data.clips`` reads back, see docs/data.md). Returns the name relative to ``out``."""
     from PIL import Image
+
+    if array.ndim == 3:
+        Image.fromarray(array).save(out / f"{stem}.png")
+        return f"{stem}.png"
+    (out / stem).mkdir(parents=True, exist_ok=True)
+    for f, frame in enumerate(array):
+        Image.fromarray(frame).save(out / stem / f"frame_{f:03d}.png")
+    return stem
+
+
+def build_preference_data(config: PreferenceDataConfig, generator=None, reward=None, progress: bool = True) -> dict:
+    """Sample, score and write; returns the summary (also written to ``out/summary.json``).
+
+    A video model's samples are written as folders of PNG frames, scored by a video reward."""
     from tqdm.auto import tqdm
 
     import rewards as reward_library
@@ -148,14 +163,13 @@ def build_preference_data(config: PreferenceDataConfig, generator=None, reward=N
                                  batch_size=config.batch_size)
         expanded = [p for p in group for _ in range(k)]
         scores = score_images(reward, images, expanded, config.batch_size)
-        pixels = (images.clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype("uint8")
+        # [N, H, W, 3] for images, [N, F, H, W, 3] for a video model's clips.
+        pixels = (images.clamp(0, 1).movedim(-3, -1).numpy() * 255).round().astype("uint8")
         for offset, prompt in enumerate(group):
             index = start + offset
             names = []
             for j in range(k):
-                name = f"images/{index:06d}_{j}.png"
-                Image.fromarray(pixels[offset * k + j]).save(out / name)
-                names.append(name)
+                names.append(_save_sample(pixels[offset * k + j], out, f"images/{index:06d}_{j}"))
             values = scores[offset * k : (offset + 1) * k].tolist()
             all_scores.extend(values)
             ranking_rows.append({"prompt": prompt, "images": names, "scores": values})

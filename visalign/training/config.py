@@ -47,7 +47,7 @@ class DataConfig:
     clips: bool | None = field(None, help="read every image source as a clip (video file, folder of frames); "
                                           "default: true for a video model")
     num_frames: int | None = field(None, help="clips: keep the first num_frames frames (shorter clips are skipped and "
-                                              "counted); default: the video model's num_frames")
+                                              "counted); default: every frame (a batch's clips must then agree)")
     cache_dir: str | None = field(None, help="cache VAE latents and text embeddings here (needs random_crop/flip off)")
     options: dict[str, Any] = field(default_factory=dict, help="extra loader options")
 

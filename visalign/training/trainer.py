@@ -281,8 +281,6 @@ class Trainer:
             )
             clips = config.data.clips if config.data.clips is not None else bool(self.generator.is_video)
             num_frames = config.data.num_frames
-            if clips and num_frames is None:
-                num_frames = getattr(self.generator, "num_frames", None)
             if clips and not self.generator.is_video:
                 raise ConfigError("data.clips: true needs a video model; this one makes images")
             if not clips and num_frames is not None:
