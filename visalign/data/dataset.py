@@ -98,7 +98,7 @@ class RecordDataset(Dataset):
         decoded, pixels, bad = [], 0, 0
         for index in tqdm(range(len(self.records)), desc="decoding images", unit="record", leave=False):
             try:
-                images = self._decode(self.records[index])
+                images = self._decode_record(self.records[index])
             except BadRecordError as error:
                 decoded.append(error)
                 bad += 1
@@ -157,7 +157,7 @@ class RecordDataset(Dataset):
         rng = np.random.default_rng([self.seed, self.epoch, slot])
         sample: dict[str, Any] = {"kind": self.kind, "index": index, "prompt": record.prompt}
         if self._decoded is None:
-            images = self._decode(record)
+            images = self._decode_record(record)
         else:
             images = self._decoded[index]
             if isinstance(images, BadRecordError):
@@ -176,8 +176,7 @@ class RecordDataset(Dataset):
         sample.update(original_size=geometry.original_size, crop_top_left=geometry.crop_top_left)
         return sample
 
-
-    def _decode(self, record) -> list:
+    def _decode_record(self, record) -> list:
         """The record's images (``PIL.Image`` each), or its clips (a list of frames each)."""
         if not self.clips:
             return _decode(_image_sources(record))
