@@ -20,7 +20,7 @@ and by more than plain SFT on the same winners (the fair baseline)?
 
     nice -n 5 python benchmarks/efficacy_winners.py --objectives sft,seppo,dro
     python benchmarks/efficacy_winners.py --data runs/pref-clip/data --lr 1e-3 --beta 1000 \
-        --sft-weight 250 --steps 200 --batch-size 16 --eval-images 2 --objectives sft,seppo-sft,dro
+        --sft-weight 250 --steps 200 --batch-size 16 --eval-images 2 --objectives sft,seppo,seppo-sft,dro
 
 Each model's result is written to ``<out>/results/<name>.json`` (a rerun skips what exists),
 the summary to ``<out>/efficacy.json``, and a markdown table is printed.
@@ -203,6 +203,7 @@ def main(argv=None):
               f"{row['geneval_mean']:.3f} | " + "".join(f"{row['reward_gain'][w]:+.4f} | " for w in watched)
               + f"{row.get('train_cpu_s') or 0:.0f} | " + " | ".join(f"{row['per_category'][c]:.2f}" for c in categories)
               + " |")
+
 
 if __name__ == "__main__":
     main()

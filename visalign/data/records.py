@@ -184,7 +184,7 @@ def _read_video(source: Any, where: str) -> list[Image.Image]:
             hint = " (reading MP4/WebM needs imageio-ffmpeg: pip install 'visalign[video]')"
         raise BadRecordError("corrupt clip", f"{where}: {type(error).__name__}: {error}{hint}") from error
     frames = np.asarray(frames)
-    if frames.ndim in (2, 3) and not (frames.ndim == 3 and frames.shape[-1] not in (1, 3, 4)):
+    if frames.ndim == 2 or (frames.ndim == 3 and frames.shape[-1] in (1, 3, 4)):
         frames = frames[None]  # a still image: one frame
     if frames.ndim == 3:  # [F, H, W] greyscale
         frames = frames[..., None]
@@ -242,7 +242,7 @@ def load_clip(source: Any, num_frames: int | None = None) -> list[Image.Image]:
                 try:
                     frames.append(load_image(os.path.join(where, name)))
                 except BadRecordError as error:
-                    raise BadRecordError("corrupt clip", f"{error.detail}") from error
+                    raise BadRecordError("corrupt clip", error.detail) from error
         elif os.path.isfile(where):
             frames = _read_video(where, where)
         else:
@@ -257,4 +257,3 @@ def load_clip(source: Any, num_frames: int | None = None) -> list[Image.Image]:
             raise BadRecordError("short clip", f"{where}: {len(frames)} frames, num_frames={num_frames} needed")
         frames = frames[:num_frames]
     return frames
-

@@ -394,7 +394,7 @@ class AnimateDiffGenerator(StableDiffusionVideoGenerator):
         if not any("motion_modules" in name for name in named):
             raise ValueError("this AnimateDiff denoiser has no motion_modules parameters")
         if snapshot_reference and self._reference_module is None:
-            # deepcopy's memo maps each frozen tensor to itself: the copy shares it.
+            # deepcopy's memo maps each frozen parameter (and every constant buffer) to itself: the copy shares them.
             frozen = {name: p for name, p in named.items() if "motion_modules" not in name}
             memo = {id(p): p for p in frozen.values()}
             memo.update({id(b): b for b in self.denoiser.buffers()})
