@@ -16,6 +16,10 @@ knows nothing of shapes, counts or positions, and it can be hacked (colour blobs
 
     python benchmarks/efficacy_reward_grad.py                        # all three methods
     python benchmarks/efficacy_reward_grad.py --methods draft --steps 60 --reward colour
+    python benchmarks/efficacy_reward_grad.py --methods draft,draft-k,draft-full   # DRaFT-LV, -K (K=1), full
+
+Methods: ``draft`` (DRaFT-LV, n = 2), ``draft-k`` (DRaFT-K, K = 1), ``draft-full`` (all N steps),
+``alignprop`` (gaussian cut per trajectory), ``refl``.
 
 Writes ``<out>/efficacy.json`` and prints a markdown table.
 """
@@ -37,8 +41,10 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-METHOD_OPTIONS = {  # testbed scale: N = 10 sampler steps
+METHOD_OPTIONS = {  # testbed scale: N = 10 sampler steps; "draft-k" / "draft-full" train the draft objective
     "draft": {"variant": "lv", "lv_copies": 2},
+    "draft-k": {"variant": "k", "k": 1},
+    "draft-full": {"variant": "full"},
     "alignprop": {"truncation": "gaussian", "truncation_mean": 8.0, "truncation_std": 1.0, "loss_scale": 1.0},
     "refl": {"min_step": 7, "max_step": 9, "loss": "relu", "target": 2.0, "loss_scale": 1.0},
 }
@@ -63,7 +69,11 @@ def parse_args(argv=None):
     parser.add_argument("--loras", default=None, metavar="DIR",
                         help="evaluate the LoRAs an earlier run wrote (DIR/<method>/lora) instead of training: "
                              "more evaluation seeds for the same fine-tunes")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    unknown = [m for m in args.methods.split(",") if m and m not in METHOD_OPTIONS]
+    if unknown:
+        parser.error(f"--methods: unknown {unknown}; choose from {sorted(METHOD_OPTIONS)}")
+    return args
 
 
 def colour_reward():
@@ -117,7 +127,7 @@ def train_method(method: str, reward: str, args, out: Path) -> tuple[Path, list[
                "guidance_scale": args.guidance_scale, "eta": 0.0, **METHOD_OPTIONS[method]}
     config = load_config(TrainConfig, data={
         "model": {"path": args.model, "finetune": "lora", "lora": {"rank": args.rank, "alpha": args.rank}},
-        "objective": method, "options": options,
+        "objective": method.split("-")[0], "options": options,
         "optim": {"lr": args.lr, "weight_decay": 0.0, "max_grad_norm": 1.0},
         "batch_size": args.batch_size, "max_steps": args.steps, "seed": args.seed, "output_dir": str(out / method),
         "checkpoint_every": 0, "log_every": 5,

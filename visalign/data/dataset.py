@@ -269,11 +269,8 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
         batch["user_ids"] = [sample["user_id"] for sample in samples]
     elif kind == "ranking":
         max_k = max(sample["images"].shape[0] for sample in samples)
-        shapes = {tuple(sample["images"].shape[1:]) for sample in samples}
-        if len(shapes) > 1:
-            raise ValueError(f"collate: ranking images of different shapes {sorted(shapes)} in one batch (clips of "
-                             "different lengths? set num_frames / data.num_frames)")
-        images = torch.zeros(len(samples), max_k, *shapes.pop())
+        shape = _common_shape([sample["images"].shape[1:] for sample in samples], "ranking images")
+        images = torch.zeros(len(samples), max_k, *shape)
         scores = torch.zeros(len(samples), max_k)
         mask = torch.zeros(len(samples), max_k, dtype=torch.bool)
         for row, sample in enumerate(samples):
@@ -293,11 +290,16 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     return batch
 
 
-def _stack(samples: list[dict[str, Any]], key: str) -> torch.Tensor:
-    shapes = {tuple(sample[key].shape) for sample in samples}
-    if len(shapes) > 1:
-        raise ValueError(f"collate: {key!r} tensors of different shapes {sorted(shapes)} in one batch (clips of "
+def _common_shape(shapes: list[torch.Size], what: str) -> tuple[int, ...]:
+    distinct = {tuple(shape) for shape in shapes}
+    if len(distinct) > 1:
+        raise ValueError(f"collate: {what} of different shapes {sorted(distinct)} in one batch (clips of "
                          "different lengths? set num_frames / data.num_frames)")
+    return distinct.pop()
+
+
+def _stack(samples: list[dict[str, Any]], key: str) -> torch.Tensor:
+    _common_shape([sample[key].shape for sample in samples], f"{key!r} tensors")
     return torch.stack([sample[key] for sample in samples])
 
 
