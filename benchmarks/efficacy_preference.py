@@ -65,19 +65,67 @@ def default_reward() -> str:
     return "testbed-reward" if "testbed-reward" in rewards.available() else "testbed-oracle"
 
 
+#: Per-seed evaluation reports, keyed by the weights' bytes and every setting that changes them:
+#: a second script (or a rerun) evaluating the same base model or LoRA on the same seeds reads them
+#: back instead of sampling again. ``VISALIGN_EVAL_CACHE=`` (empty) turns it off.
+EVAL_CACHE = os.environ.get("VISALIGN_EVAL_CACHE", str(ROOT / "runs" / "eval-cache"))
+
+
+def _weights_digest(*folders: str | None) -> str:
+    import hashlib
+
+    digest = hashlib.sha1()
+    for folder in folders:
+        if not folder:
+            continue
+        for path in sorted(Path(folder).rglob("*")):
+            if path.is_file() and path.suffix in (".safetensors", ".json", ".txt", ".bin"):
+                digest.update(str(path.relative_to(folder)).encode())
+                digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def _module_digest(module) -> str | None:
+    import hashlib
+
+    if not hasattr(module, "state_dict"):
+        return None
+    digest = hashlib.sha1()
+    for name, tensor in module.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def evaluate_seeds(model: str, lora: str | None, args, prompts, watch: dict) -> list[dict]:
+    """Evaluate ``model`` (+ ``lora``) on ``prompts`` with noise seeds ``100 .. 100 + eval_seeds - 1``."""
+    import hashlib
+
     from visalign.eval import evaluate
     from visalign.models import load_generator
 
-    generator = load_generator(model)
-    if lora:
-        generator.load_lora(lora)
+    weights = _weights_digest(model, lora)
+    rewards_key = {name: _module_digest(reward) for name, reward in sorted(watch.items())}
+    generator = None
     reports = []
-    for seed in range(args.eval_seeds):
+    for seed in range(100, 100 + args.eval_seeds):
+        key = json.dumps([weights, list(prompts), args.eval_images, args.sample_steps, args.guidance_scale, seed,
+                          rewards_key])
+        path = Path(EVAL_CACHE) / f"{hashlib.sha1(key.encode()).hexdigest()[:20]}.json" if EVAL_CACHE else None
+        if path is not None and path.is_file():
+            reports.append(json.loads(path.read_text()))
+            continue
+        if generator is None:
+            generator = load_generator(model)
+            if lora:
+                generator.load_lora(lora)
         report = evaluate(generator, prompts, images_per_prompt=args.eval_images, num_inference_steps=args.sample_steps,
-                          guidance_scale=args.guidance_scale, seed=100 + seed, rewards=watch, keep_images=False)
+                          guidance_scale=args.guidance_scale, seed=seed, rewards=watch, keep_images=False)
         reports.append({"accuracy": report.accuracy, "geneval": report.geneval_score, "per_category": report.per_category,
                         "quality": report.quality, "rewards": report.rewards})
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(reports[-1]))
     return reports
 
 
