@@ -98,6 +98,61 @@ def test_clip_kind_trains_on_captions_only_and_loads_as_clip_score(tmp_path):
         build_testbed_reward(None, tmp_path / "x", tmp_path / "work", options=replace(options, kind="pick"))
 
 
+def test_x0_calibration_labels_intermediates_by_their_final_sample(quick_reward):
+    """sample_x0_and_read: at eta 0 the finals are sample_for_eval's images (same noise); the
+    x0-predictions of each step are other images with the finals' oracle reading as labels."""
+    from visalign.eval.evaluate import sample_for_eval
+    from visalign.models import load_generator
+    from visalign.testbed.reward_build import sample_x0_and_read
+
+    root, _ = quick_reward
+    generator = load_generator(root / "model")
+    prompts = ["a red circle", "two blue squares"]
+    finals, by_step = sample_x0_and_read(generator, prompts, 2, 3, 4.0, seed=5, x0_steps=[1, 0], eta=0.0)
+    torch.testing.assert_close(finals.images, sample_for_eval(generator, prompts, 2, 3, 4.0, seed=5).clamp(0, 1))
+    assert sorted(by_step) == [0, 1] and finals.prompts == ["a red circle"] * 2 + ["two blue squares"] * 2
+    for x0 in by_step.values():
+        assert x0.images.shape == finals.images.shape and not torch.allclose(x0.images, finals.images)
+        assert x0.objects == finals.objects and torch.equal(x0.quality, finals.quality)
+    assert (by_step[0].images - finals.images).abs().mean() > (by_step[1].images - finals.images).abs().mean()
+    with pytest.raises(ValueError, match="x0_steps must be step indices"):
+        sample_x0_and_read(generator, prompts, 1, 3, 4.0, seed=5, x0_steps=[3])
+
+
+def test_value_agreement_scores_intermediates_against_the_final_verdict():
+    """A reward that scores an image by its mean agrees on every pair when the trajectory that ends
+    right has the brighter intermediate, and on none when it has the darker one."""
+    from visalign.testbed.reward_build import LabelledImages, render_pairs, value_agreement
+
+    rendered = render_pairs(["a red circle", "two blue squares"], 2, seed=0)  # rows 0-1 right, 2-3 wrong
+    order = torch.tensor([0, 2, 1, 3])  # per prompt: (right, wrong)
+    finals = LabelledImages(rendered.images[order], [rendered.objects[i] for i in order.tolist()],
+                            [rendered.prompts[i] for i in order.tolist()], rendered.quality[order])
+    bright = torch.tensor([0.9, 0.1, 0.8, 0.2])[:, None, None, None].expand(4, 3, 8, 8)
+    mean = rewards.FunctionReward(lambda images, prompts: images.mean(dim=(1, 2, 3)), name="mean")
+
+    def intermediates(images):
+        return LabelledImages(images, finals.objects, finals.prompts, finals.quality)
+
+    figures = value_agreement(mean, {4: intermediates(bright), 8: intermediates(1 - bright)}, finals, per_prompt=2)
+    assert figures == {"4": {"agreement": 1.0, "pairs": 2}, "8": {"agreement": 0.0, "pairs": 2}}
+
+
+def test_reward_build_cli_with_x0_steps(tmp_path):
+    """`python -m visalign.testbed.reward_build` parses option overrides (x0 steps as a list) and
+    reports the intermediates' agreement per step."""
+    from visalign.models.tiny import save_tiny_model
+    from visalign.testbed.reward_build import main
+
+    model = save_tiny_model("sd", tmp_path / "model", seed=0)
+    main(["--out", str(tmp_path / "value"), "--model", str(model), "--quick", "--x0-steps", "0,1", "--steps", "2"])
+    summary = json.loads((tmp_path / "value" / SUMMARY_NAME).read_text())
+    assert summary["options"]["x0_steps"] == [0, 1] and summary["options"]["steps"] == 2
+    assert summary["train_sample_count"] == 3 * 8  # 8 quick prompts x 1 sample: the finals and two x0 steps
+    assert set(summary["heldout_x0"]) == {"0", "1"}
+    assert rewards.load(str(tmp_path / "value")).name == "hpsv2"
+
+
 def test_load_testbed_reward_names_a_missing_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="no testbed hpsv2 reward"):
         load_testbed_reward(tmp_path / "nothing")

@@ -71,7 +71,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "RewardBuildOptions", "build_testbed_reward", "load_testbed_reward", "LabelledImages", "render_pairs",
     "sample_and_read", "label_matrix", "symmetry", "rendered_agreement", "sample_agreement", "SHIPPED_REWARD",
-    "SHIPPED_CLIP", "load_testbed_clip", "REWARD_KINDS",
+    "SHIPPED_CLIP", "load_testbed_clip", "REWARD_KINDS", "sample_x0_and_read", "value_agreement", "concat_labelled",
 ]
 
 #: Where ``visalign testbed build`` ships the learned reward.
@@ -91,6 +91,12 @@ class RewardBuildOptions:
     distractor_scenes: int = 2000  # rendered right scenes with an extra object where the prompt allows
     train_samples_per_prompt: int = 2  # base-model samples of each train prompt (calibration)
     sample_steps: int = 20  # sampling steps of the base model
+    # Value calibration: decoded x0-predictions after these step indices (of sample_steps) of the
+    # calibration trajectories join the samples, each labelled with what its trajectory ends as (the
+    # oracle's reading of the final image). The reward then scores a blurry intermediate by its likely
+    # outcome, which is what Feynman-Kac steering's intermediate potentials ask of it. () = off.
+    x0_steps: tuple[int, ...] = ()
+    x0_eta: float = 1.0  # sampler stochasticity of the trajectories x0_steps reads (FK's proposal: DDIM eta 1)
     guidance_scale: float = 4.0
     probe_steps: int = 300  # first stage: the image tower learns the attributes alone
     steps: int = 600  # second stage: every loss
@@ -207,6 +213,64 @@ def sample_and_read(generator, prompts: Sequence[str], per_prompt: int, steps: i
     expanded = [prompt for prompt in prompts for _ in range(per_prompt)]
     verdict = oracle(images, expanded)
     return LabelledImages(images, [_things(found) for found in verdict.objects], expanded, verdict.quality.float())
+
+
+def sample_x0_and_read(generator, prompts: Sequence[str], per_prompt: int, steps: int, guidance_scale: float, seed: int,
+                       x0_steps: Sequence[int], eta: float = 1.0, batch_size: int = 64,
+                       cache: Path | None = None) -> tuple[LabelledImages, dict[int, LabelledImages]]:
+    """Like :func:`sample_and_read` (same initial noise per image), with sampler stochasticity ``eta``,
+    and the decoded x0-predictions after each step index in ``x0_steps``.
+
+    Returns ``(finals, by_step)``: the final samples read by the oracle, and per step index the
+    x0-predictions of the same trajectories, **labelled with their final sample's objects and
+    quality** (what the trajectory became, not what the blurry intermediate shows).
+    """
+    from .oracle import oracle
+
+    x0_steps = sorted({int(index) for index in x0_steps})
+    if any(not 0 <= index < steps for index in x0_steps):
+        raise ValueError(f"x0_steps must be step indices in [0, {steps}), got {x0_steps}")
+    path = None
+    if cache is not None:
+        key = json.dumps([_fingerprint(generator), list(prompts), per_prompt, steps, guidance_scale, seed, x0_steps, eta])
+        path = Path(cache) / f"x0-samples-{hashlib.sha1(key.encode()).hexdigest()[:16]}.pt"
+    if path is not None and path.exists():
+        stored = torch.load(path, weights_only=True)
+        images, x0 = stored["images"].float(), {int(k): v.float() for k, v in stored["x0"].items()}
+    else:
+        shape = generator.latent_shape(1)
+        noise = torch.stack([torch.randn(shape[1:], generator=torch.Generator().manual_seed(seed * 100_003 + j))
+                             for _ in prompts for j in range(per_prompt)])
+        expanded = [prompt for prompt in prompts for _ in range(per_prompt)]
+        finals, captured = [], {index: [] for index in x0_steps}
+        for start in range(0, len(expanded), batch_size):
+            def keep(state):
+                if state.index in captured:
+                    with torch.no_grad():
+                        captured[state.index].append(generator.decode(state.x0_pred).float().cpu())
+
+            latents = noise[start : start + batch_size].to(device=generator.device, dtype=generator.dtype)
+            out = generator.sample(expanded[start : start + batch_size], latents=latents, num_inference_steps=steps,
+                                   guidance_scale=guidance_scale, eta=eta, on_step_end=keep,
+                                   generator=torch.Generator(generator.device).manual_seed(seed * 7919 + start))
+            finals.append(out.images.float().cpu())
+        images = torch.cat(finals).clamp(0, 1)
+        x0 = {index: torch.cat(parts).clamp(0, 1) for index, parts in captured.items()}
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"images": images.half(), "x0": {str(k): v.half() for k, v in x0.items()}}, path)
+            images, x0 = images.half().float(), {k: v.half().float() for k, v in x0.items()}
+    expanded = [prompt for prompt in prompts for _ in range(per_prompt)]
+    verdict = oracle(images, expanded)
+    objects, quality = [_things(found) for found in verdict.objects], verdict.quality.float()
+    finals = LabelledImages(images, objects, expanded, quality)
+    return finals, {index: LabelledImages(x0[index], objects, expanded, quality) for index in x0_steps}
+
+
+def concat_labelled(parts: Sequence[LabelledImages]) -> LabelledImages:
+    """One :class:`LabelledImages` of several, in order."""
+    return LabelledImages(torch.cat([part.images for part in parts]), [o for part in parts for o in part.objects],
+                          [p for part in parts for p in part.prompts], torch.cat([part.quality for part in parts]))
 
 
 def _fingerprint(generator) -> str:
@@ -467,6 +531,25 @@ def sample_agreement(reward, samples: LabelledImages, per_prompt: int, margin: f
     }
 
 
+def value_agreement(reward, by_step: dict[int, LabelledImages], finals: LabelledImages, per_prompt: int) -> dict:
+    """How well ``reward`` scores intermediate x0-predictions by what their trajectories become:
+    for each step index, agreement with the oracle on pairs of trajectories of one prompt
+    (``per_prompt`` consecutive ones) where one final sample is right and the other wrong,
+    scoring the two x0-predictions at that step (equal scores count half). The final step's
+    row is :func:`sample_agreement`'s ``correctness``."""
+    from .oracle import oracle
+
+    correct = oracle(finals.images, finals.prompts).correct.float().reshape(-1, per_prompt)
+    figures = {}
+    for index, x0 in sorted(by_step.items()):
+        scores = _scores(reward, x0.images, x0.prompts).reshape(-1, per_prompt)
+        hits = [0.5 if scores[row, i] == scores[row, j] else float(scores[row, i] > scores[row, j])
+                for row in range(len(scores)) for i in range(per_prompt) for j in range(per_prompt)
+                if correct[row, i] > correct[row, j]]
+        figures[str(index)] = {"agreement": _rate(hits), "pairs": len(hits)}
+    return figures
+
+
 # ------------------------------------------------------------------------------ the build
 
 
@@ -501,16 +584,25 @@ def build_testbed_reward(model_dir: str | os.PathLike | None, destination: str |
     scenes = render_scenes(train_prompts, options.distractor_scenes, seed + 3) if options.distractor_scenes else None
     timings["render_s"] = round(time.perf_counter() - mark, 1)
 
-    samples = heldout_samples = generator = None
+    samples = heldout_samples = heldout_x0 = generator = None
     if model_dir is not None:
         from ..models import load_generator
 
         mark = time.perf_counter()
         generator = load_generator(model_dir)
-        if options.train_samples_per_prompt:
+        if options.train_samples_per_prompt and options.x0_steps:
+            finals, by_step = sample_x0_and_read(generator, train_prompts, options.train_samples_per_prompt,
+                                                 options.sample_steps, options.guidance_scale, seed + 1,
+                                                 options.x0_steps, options.x0_eta, cache=work_dir)
+            samples = concat_labelled([finals, *by_step.values()])
+        elif options.train_samples_per_prompt:
             samples = sample_and_read(generator, train_prompts, options.train_samples_per_prompt, options.sample_steps,
                                       options.guidance_scale, seed + 1, cache=work_dir)
-        if options.eval_samples_per_prompt:
+        if options.eval_samples_per_prompt and options.x0_steps:
+            heldout_samples, heldout_x0 = sample_x0_and_read(generator, heldout_prompts, options.eval_samples_per_prompt,
+                                                             options.sample_steps, options.guidance_scale, seed + 2,
+                                                             options.x0_steps, options.x0_eta, cache=work_dir)
+        elif options.eval_samples_per_prompt:
             heldout_samples = sample_and_read(generator, heldout_prompts, options.eval_samples_per_prompt,
                                               options.sample_steps, options.guidance_scale, seed + 2, cache=work_dir)
         timings["sample_s"] = round(time.perf_counter() - mark, 1)
@@ -536,6 +628,8 @@ def build_testbed_reward(model_dir: str | os.PathLike | None, destination: str |
     if heldout_samples is not None:
         figures["heldout_samples"] = sample_agreement(reward, heldout_samples, options.eval_samples_per_prompt,
                                                       options.quality_margin)
+    if heldout_x0:
+        figures["heldout_x0"] = value_agreement(reward, heldout_x0, heldout_samples, options.eval_samples_per_prompt)
     timings["eval_s"] = round(time.perf_counter() - mark, 1)
     timings["total_s"] = round(time.perf_counter() - start, 1)
     timings["cpu_s"] = round(time.process_time() - cpu_start, 1)
@@ -593,3 +687,42 @@ def _load(folder: Path, kind: str):
 def _machine() -> dict:
     return {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
             "torch": torch.__version__}
+
+
+def main(argv=None) -> None:
+    """``python -m visalign.testbed.reward_build --out DIR [--model M] [--<option> value ...]``: build one
+    learned testbed reward (options: the fields of :class:`RewardBuildOptions`; ``--x0-steps 4,8,12,16``)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Build a learned testbed reward (an HPS-style or CLIP-score-style scorer).")
+    parser.add_argument("--out", required=True, help="the reward folder written (replaced)")
+    parser.add_argument("--model", default=str(SHIPPED_REWARD.parent / "sd"),
+                        help="the base model whose samples calibrate it; 'none': renders only")
+    parser.add_argument("--work-dir", default=None, help="cache of base-model samples (default: <out>-work)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="seconds of everything (smoke run)")
+    for name, value in asdict(RewardBuildOptions()).items():
+        kind = str if isinstance(value, (tuple, type(None))) else type(value)
+        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None)
+    args = parser.parse_args(argv)
+    options = quick_options() if args.quick else RewardBuildOptions()
+    overrides = {}
+    for name, default in asdict(RewardBuildOptions()).items():
+        value = getattr(args, name)
+        if value is None:
+            continue
+        if isinstance(default, tuple):
+            value = tuple(int(part) for part in value.split(",") if part.strip())
+        elif name == "prompt_limit":
+            value = int(value)
+        overrides[name] = value
+    options = replace(options, **overrides)
+    model = None if args.model.lower() == "none" else args.model
+    summary = build_testbed_reward(model, args.out, args.work_dir or f"{args.out}-work", seed=args.seed, quick=args.quick,
+                                   options=options)
+    print(json.dumps({key: summary[key] for key in ("heldout_rendered", "heldout_samples", "heldout_x0", "timings")
+                      if key in summary}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
