@@ -148,3 +148,56 @@ def test_trainer_trains_a_video_model_on_clip_pairs_from_jsonl(tiny_model_dir, t
         train(config("sd", clips=True))
     with pytest.raises(ConfigError, match="data.num_frames is for clips"):
         train(config("sd", num_frames=4))
+
+
+def test_latent_cache_takes_clips_and_trains_the_same(tiny_model_dir, tmp_path):
+    """A video model trained on clip pairs with data.cache_dir: the second epoch reads every
+    clip's latents from the cache (no VAE call), and the cached latents are the video VAE's
+    posterior means of the clips the dataset serves."""
+    import json
+
+    from visalign.config import load_config
+    from visalign.data import LatentCache, cache_key
+    from visalign.models import load_generator
+    from visalign.training import TrainConfig, Trainer
+
+    records = [{"prompt": f"a red circle moving left {i}",
+                "winner": write_gif(tmp_path / f"w{i}.gif", solid_frames(6, size=(32, 32), offset=i)),
+                "loser": write_gif(tmp_path / f"l{i}.gif", solid_frames(6, size=(32, 32), offset=i + 3))}
+               for i in range(4)]
+    path = write_jsonl(tmp_path / "pairs.jsonl", records)
+
+    def run(name, **data):
+        config = load_config(TrainConfig, data={
+            "model": {"path": str(tiny_model_dir("animatediff")), "finetune": "lora", "lora": {"rank": 2}},
+            "objective": "dpo", "options": {"beta": 100.0},
+            "data": {"format": "jsonl", "path": path, "random_flip": False, "num_frames": 4, **data},
+            "optim": {"lr": 1e-2, "weight_decay": 0.0}, "batch_size": 2, "max_steps": 4,
+            "checkpoint_every": 0, "log_every": 1, "output_dir": str(tmp_path / name), "seed": 0,
+        })
+        generator = load_generator(tiny_model_dir("animatediff"), num_frames=4, height=32, width=32)
+        trainer = Trainer(config, generator=generator)
+        trainer.setup()
+        calls = []
+        encode = generator.vae.encode
+        generator.vae.encode = lambda frames, *args, **kwargs: calls.append(len(frames)) or encode(frames, *args, **kwargs)
+        trainer.train()
+        return trainer, sum(calls)
+
+    cached, cached_calls = run("cached", cache_dir=str(tmp_path / "cache"))
+    plain, plain_calls = run("plain")
+    assert cached.cache.misses == 4 and cached.cache.hits == 4  # 4 records, 2 epochs
+    assert (cached_calls, plain_calls) == (4 * 2 * 4, 4 * 2 * 2 * 4)  # frames encoded: epoch 1 only vs every step
+    sample = cached.dataset[1]
+    stored = cached.cache._entry(1)
+    with torch.no_grad():
+        expected = plain.generator.encode(torch.stack([sample["winner"], sample["loser"]]), sample=False)
+    assert stored["winner"].shape == expected.shape[1:]  # [C, F, h, w]
+    torch.testing.assert_close(torch.stack([stored["winner"], stored["loser"]]), expected, rtol=1e-4, atol=1e-5)
+    assert json.loads((cached.cache.path / "key.json").read_text())["clips"] == {"num_frames": 4}
+    image_key = cache_key(RecordDataset(load_jsonl(path), ImageTransform(32, random_flip=False)), model="m",
+                          dtype=torch.float32)
+    clip_key = cache_key(RecordDataset(load_jsonl(path), ImageTransform(32, random_flip=False), clips=True,
+                                       num_frames=4), model="m", dtype=torch.float32)
+    assert str(image_key) != str(clip_key) and "clips" not in image_key.components
+    assert isinstance(cached.cache, LatentCache)

@@ -107,6 +107,8 @@ def cache_key(
         "kind": dataset.kind,
         "extra": dict(extra) if extra else None,
     }
+    if getattr(dataset, "clips", False):  # (image datasets keep the keys they had)
+        components["clips"] = {"num_frames": dataset.num_frames}
     return CacheKey(_hash(components), components)
 
 
@@ -223,8 +225,9 @@ class LatentCache:
         entries = [fresh[index] if index in fresh else self._entry(index) for index in indices]
         device = batch[fields[0]].device
         output: dict[str, Any] = {}
+        ranking = "mask" in batch
         for name in fields:
-            if batch[name].dim() == 5:  # ranking: [B, K, 3, H, W]; pad each record's k latents to K
+            if ranking:  # [B, K, 3, H, W] (clips: [B, K, F, 3, H, W]); pad each record's k latents to K
                 stored = [entry[name] for entry in entries]
                 padded = stored[0].new_zeros((len(entries), batch[name].shape[1], *stored[0].shape[1:]))
                 for row, latents in enumerate(stored):
@@ -253,7 +256,7 @@ class LatentCache:
         with torch.no_grad():
             for name in fields:
                 pixels = batch[name].index_select(0, rows)
-                if pixels.dim() == 5:  # encode only the real images of each ranking
+                if "mask" in batch:  # a ranking: encode only the real images (or clips) of each record
                     counts = batch["mask"].index_select(0, rows.to(batch["mask"].device)).sum(dim=1).tolist()
                     valid = torch.cat([pixels[row, :count] for row, count in enumerate(counts)])
                     latents = encode_images(valid).detach().cpu().split(counts)

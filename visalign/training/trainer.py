@@ -285,8 +285,6 @@ class Trainer:
                 raise ConfigError("data.clips: true needs a video model; this one makes images")
             if not clips and num_frames is not None:
                 raise ConfigError("data.num_frames is for clips: set data.clips: true (or train a video model)")
-            if clips and config.data.cache_dir:
-                raise ConfigError("data.cache_dir caches image latents; it does not take clips yet: unset it")
             self.dataset = RecordDataset(records, transform, seed=config.seed, in_memory=config.data.in_memory,
                                          clips=clips, num_frames=num_frames)
         if self.dataset.kind not in kinds:
