@@ -5,6 +5,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The efficacy tests measure afresh: no evaluation reports read back from runs/eval-cache
+# (benchmarks/efficacy_preference.py), and nothing written into the checkout.
+os.environ["VISALIGN_EVAL_CACHE"] = ""
 
 from pathlib import Path
 
