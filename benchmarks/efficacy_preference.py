@@ -85,27 +85,17 @@ def _weights_digest(*folders: str | None) -> str:
     return digest.hexdigest()
 
 
-def _module_digest(module) -> str | None:
-    import hashlib
-
-    if not hasattr(module, "state_dict"):
-        return None
-    digest = hashlib.sha1()
-    for name, tensor in module.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().float().cpu().numpy().tobytes())
-    return digest.hexdigest()
-
-
 def evaluate_seeds(model: str, lora: str | None, args, prompts, watch: dict) -> list[dict]:
     """Evaluate ``model`` (+ ``lora``) on ``prompts`` with noise seeds ``100 .. 100 + eval_seeds - 1``."""
     import hashlib
 
+    from visalign.algorithms.seppo import weights_digest
     from visalign.eval import evaluate
     from visalign.models import load_generator
 
     weights = _weights_digest(model, lora)
-    rewards_key = {name: _module_digest(reward) for name, reward in sorted(watch.items())}
+    rewards_key = {name: weights_digest(reward.state_dict()) if hasattr(reward, "state_dict") else None
+                   for name, reward in sorted(watch.items())}
     generator = None
     reports = []
     for seed in range(100, 100 + args.eval_seeds):

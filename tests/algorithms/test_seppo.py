@@ -335,3 +335,10 @@ def test_trainer_runs_seppo_on_winners_and_resumes_exactly(tiny_model_dir, tmp_p
     b = load_file(str(resumed.final_weights / "pytorch_lora_weights.safetensors"))
     for key in a:
         torch.testing.assert_close(a[key], b[key])
+
+
+def test_weights_digest_reads_scalar_tensors_and_sees_their_values():
+    """0-dim tensors (e.g. a CLIP reward's logit scale) are digested, not refused, and count."""
+    weights = {"w": torch.ones(2, 3), "scale": torch.tensor(4.0)}
+    assert weights_digest(weights) == weights_digest({k: v.clone() for k, v in weights.items()})
+    assert weights_digest(weights) != weights_digest({**weights, "scale": torch.tensor(4.5)})

@@ -90,7 +90,7 @@ def weights_digest(weights: dict[str, Tensor]) -> str:
     for name in sorted(weights):
         value = weights[name].detach().to("cpu").contiguous()
         digest.update(f"{name}:{value.dtype}:{tuple(value.shape)}".encode())
-        digest.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes() if value.numel() else b"")  # 0-dim too
     return digest.hexdigest()
 
 

@@ -41,9 +41,13 @@ class EvalReport:
 
 @torch.no_grad()
 def sample_for_eval(generator, prompts: Sequence[str], images_per_prompt: int, num_inference_steps: int,
-                    guidance_scale: float, seed: int, batch_size: int = 64) -> torch.Tensor:
+                    guidance_scale: float, seed: int, batch_size: int = 64, eta: float = 0.0,
+                    on_step_end=None) -> torch.Tensor:
     """``[len(prompts) * images_per_prompt, 3, H, W]``; image ``j`` of prompt ``i`` uses seed ``seed + j``
-    whatever the batching, so two models see the same initial noise."""
+    whatever the batching, so two models see the same initial noise.
+
+    ``eta > 0`` samples stochastically (the step noise seeded per batch); ``on_step_end`` is
+    passed to :meth:`Generator.sample` for every batch, in order (e.g. to keep x0-predictions)."""
     shape = generator.latent_shape(1)
     noise = torch.stack([
         torch.randn(shape[1:], generator=torch.Generator().manual_seed(seed * 100_003 + j))
@@ -53,8 +57,10 @@ def sample_for_eval(generator, prompts: Sequence[str], images_per_prompt: int, n
     images = []
     for start in range(0, len(expanded), batch_size):
         latents = noise[start : start + batch_size].to(device=generator.device, dtype=generator.dtype)
+        steps_rng = torch.Generator(generator.device).manual_seed(seed * 7919 + start) if eta > 0 else None
         out = generator.sample(expanded[start : start + batch_size], latents=latents,
-                               num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
+                               num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, eta=eta,
+                               generator=steps_rng, on_step_end=on_step_end)
         images.append(out.images.float().cpu())
     return torch.cat(images)
 

@@ -238,23 +238,17 @@ def sample_x0_and_read(generator, prompts: Sequence[str], per_prompt: int, steps
         stored = torch.load(path, weights_only=True)
         images, x0 = stored["images"].float(), {int(k): v.float() for k, v in stored["x0"].items()}
     else:
-        shape = generator.latent_shape(1)
-        noise = torch.stack([torch.randn(shape[1:], generator=torch.Generator().manual_seed(seed * 100_003 + j))
-                             for _ in prompts for j in range(per_prompt)])
-        expanded = [prompt for prompt in prompts for _ in range(per_prompt)]
-        finals, captured = [], {index: [] for index in x0_steps}
-        for start in range(0, len(expanded), batch_size):
-            def keep(state):
-                if state.index in captured:
-                    with torch.no_grad():
-                        captured[state.index].append(generator.decode(state.x0_pred).float().cpu())
+        from ..eval.evaluate import sample_for_eval
 
-            latents = noise[start : start + batch_size].to(device=generator.device, dtype=generator.dtype)
-            out = generator.sample(expanded[start : start + batch_size], latents=latents, num_inference_steps=steps,
-                                   guidance_scale=guidance_scale, eta=eta, on_step_end=keep,
-                                   generator=torch.Generator(generator.device).manual_seed(seed * 7919 + start))
-            finals.append(out.images.float().cpu())
-        images = torch.cat(finals).clamp(0, 1)
+        captured = {index: [] for index in x0_steps}
+
+        def keep(state):  # every batch in order, so the kept x0-predictions line up with the images
+            if state.index in captured:
+                with torch.no_grad():
+                    captured[state.index].append(generator.decode(state.x0_pred).float().cpu())
+
+        images = sample_for_eval(generator, prompts, per_prompt, steps, guidance_scale, seed, batch_size=batch_size,
+                                 eta=eta, on_step_end=keep).clamp(0, 1)
         x0 = {index: torch.cat(parts).clamp(0, 1) for index, parts in captured.items()}
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
