@@ -121,6 +121,14 @@ def test_errors_name_what_is_wrong(sd, personaliser):
         steer_only.generate("a red circle", torch.randn(48), route="ppd")
 
 
+def test_testbed_ppd_config_refuses_an_unknown_embedding_pool():
+    from visalign.personal import TestbedPPDConfig as PersonalConfig  # not named Test*: pytest would collect it
+
+    assert PersonalConfig(train_embed="choice").train_embed == "choice"
+    with pytest.raises(ValueError, match="train_embed must be 'pool' or 'choice'"):
+        PersonalConfig(train_embed="demo")
+
+
 def test_cli_sample_with_a_user_file(tiny_model_dir, personaliser, tmp_path):
     from visalign.cli import main
 
@@ -136,3 +144,30 @@ def test_cli_sample_with_a_user_file(tiny_model_dir, personaliser, tmp_path):
     result = CliRunner().invoke(main, ["sample", "--model", str(tiny_model_dir("sd")), "--prompts", "a red circle",
                                        "--user", str(user), "--route", "ppd", "--out", str(out)])
     assert result.exit_code != 0 and "route=ppd needs ppd=PATH" in result.output
+
+
+def test_personal_efficacy_script_trains_saves_and_evaluates_a_saved_branch(benchmark_script, tmp_path, monkeypatch):
+    """The efficacy script end to end at toy size: train + save, then ``load=`` evaluates the saved
+    branch at two strengths (the figures of RESULTS.md come from this code at full size)."""
+    script = benchmark_script("efficacy_personal")
+    tiny = ["train_prompts=2", "per_prompt=2", "train_users=3", "pairs_per_user=1", "steps=2", "batch_size=2",
+            "heldout_users=1", "heldout_prompts=2", "sample_steps=2"]
+    branch = tmp_path / "branch.safetensors"
+    monkeypatch.setattr("sys.argv", ["efficacy_personal", *tiny, f"out={tmp_path / 'train'}", f"save={branch}",
+                                     "train_embed=choice"])
+    script.main()
+    trained = json.loads((tmp_path / "train" / "report.json").read_text())
+    assert branch.is_file()
+    assert abs(trained["summary"]["train"]["first_loss"] - 0.6931) < 1e-3
+    assert len(trained["per_user"]) == 4 + 1
+
+    monkeypatch.setattr("sys.argv", ["efficacy_personal", *tiny, f"out={tmp_path / 'load'}", f"load={branch}",
+                                     "strengths=[0.5,1.0]"])
+    script.main()
+    loaded = json.loads((tmp_path / "load" / "report.json").read_text())
+    assert loaded["summary"]["train"] is None and "pool_s" not in loaded["timings_s"]
+    row = loaded["per_user"][0]
+    assert {"ppd_win_rate", "ppd_x0.5_win_rate", "ppd_x0.5_oracle"} <= set(row)
+    # the same branch, users and noise at strength 1: the same images as when it was trained
+    assert row["ppd_utility"] == pytest.approx(trained["per_user"][0]["ppd_utility"], abs=1e-4)
+    assert row["best_of_4_win_rate"] == trained["per_user"][0]["best_of_4_win_rate"]

@@ -252,10 +252,17 @@ class TestbedPPDConfig:
     model: str = field("assets/testbed/sd", help="the base model")
     out: str = field("runs/efficacy_personal", help="report.json goes here")
     save: str | None = field(None, help="also save the trained user branch here")
+    load: str | None = field(None, help="evaluate this saved user branch instead of training one (the pool and "
+                                        "training users are skipped)")
+    strengths: list[float] = field(default_factory=lambda: [1.0],
+                                   help="user-branch scales PPD is evaluated at (the demo's slider; 1 = as trained)")
     train_prompts: int = field(24, help="train prompts of the sample pool")
     per_prompt: int = field(4, help="base samples per train prompt")
     train_users: int = field(64, help="synthetic training users (random taste weights)")
     pairs_per_user: int = field(12, help="same-prompt pairs each training user labels")
+    train_embed: str = field("pool", help="where training users make their 4 embedding choices: 'pool' (the "
+                             "train-prompt pool) or 'choice' (base samples of the demo's choice prompts, as "
+                             "held-out users and the demo's users do)")
     heldout_users: int = field(8, help="random held-out users, besides the 4 named ones")
     heldout_prompts: int = field(12, help="held-out prompts of the evaluation")
     steps: int = field(400, help="PPD optimisation steps")
@@ -263,7 +270,14 @@ class TestbedPPDConfig:
     lr: float = field(1e-3, help="AdamW learning rate of the user branch")
     beta: float = field(5000.0, help="DPO beta (Salesforce meaning)")
     user_dropout: float = field(0.1, help="user-embedding dropout")
+    sft_weight: float = field(0.0, help="PPD's extra denoising loss on the winners (PPDOptions.sft_weight)")
     num_tokens: int = field(4, help="user tokens")
     sample_steps: int = field(10, help="sampling steps (pool and evaluation)")
     cfg: float = field(5.0, help="classifier-free guidance")
     seed: int = field(0, help="seed of everything")
+
+    def __post_init__(self) -> None:
+        if not self.strengths or any(not 0 < float(strength) for strength in self.strengths):
+            raise ValueError(f"strengths must be a non-empty list of positive user-branch scales, got {self.strengths!r}")
+        if self.train_embed not in ("pool", "choice"):
+            raise ValueError(f"train_embed must be 'pool' or 'choice', got {self.train_embed!r}")

@@ -98,6 +98,21 @@ def test_initial_loss_is_ln2_and_only_new_parameters_get_gradients(sd):
         assert all(p.grad is None for p in encoder.parameters())
 
 
+def test_sft_weight_adds_the_winners_denoising_loss_under_their_user(sd):
+    """loss = PPD loss + w * (winner MSE with the user); at the zero branch that is ln 2 + w * base MSE."""
+    add_user_branch(sd, USER_DIM)
+    batch = pair_batch(sd)
+    plain, metrics = PPD(sd, PPDOptions(user_dropout=0.0)).loss(batch, torch.Generator().manual_seed(1))
+    weighted, _ = PPD(sd, PPDOptions(user_dropout=0.0, sft_weight=3.0)).loss(batch, torch.Generator().manual_seed(1))
+    assert weighted.item() == pytest.approx(plain.item() + 3.0 * metrics["mse_winner"], rel=1e-5)
+    # the winner term's gradient, too, reaches only the branch
+    weighted.backward()
+    new_ids = {id(p) for p in user_branch_parameters(sd)}
+    assert all(p.grad is None for p in sd.denoiser.parameters() if id(p) not in new_ids)
+    with pytest.raises(Exception, match="sft_weight must be >= 0"):
+        PPD(sd, PPDOptions(sft_weight=-1.0))
+
+
 def test_swapping_users_changes_only_the_user_branch(sd):
     add_user_branch(sd, USER_DIM)
     with torch.no_grad():

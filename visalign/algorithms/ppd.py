@@ -290,6 +290,8 @@ class PPDOptions:
     user_embeddings: str | None = field(None, help="safetensors file {user_id: [U] tensor} for the pairs' user_ids "
                                                    "(or give batches a 'user_embeds' [B, U] tensor)")
     train_lora: bool = field(False, help="also train the trainer's LoRA on the base (default: user branch only)")
+    sft_weight: float = field(0.0, help="weight of an extra denoising loss on the winners under their user's "
+                                        "embedding (as objective dpo's sft_weight; not in the paper)")
 
 
 @register_objective("ppd")
@@ -309,6 +311,8 @@ class PPD(Objective):
         super().__init__(generator, options)
         if self.options.beta <= 0:
             raise ConfigError(f"options.beta must be positive, got {self.options.beta}")
+        if self.options.sft_weight < 0:
+            raise ConfigError(f"options.sft_weight must be >= 0, got {self.options.sft_weight}")
         if not 0 <= self.options.user_dropout < 1:
             raise ConfigError(f"options.user_dropout must be in [0, 1), got {self.options.user_dropout}")
         self.table: dict[str, Tensor] = {}
@@ -361,6 +365,8 @@ class PPD(Objective):
         reference = per_sample_mse(_reference_output(gen, x_t, t, cond.repeat_interleave(2)), target).view(pairs, 2)
         per_pair, z = ppd_loss(policy[:, 0], policy[:, 1], reference[:, 0], reference[:, 1], self.options.beta)
         loss = per_pair.mean()
+        if self.options.sft_weight:
+            loss = loss + self.options.sft_weight * policy[:, 0].mean()
         return loss, pair_metrics(loss, z, policy)
 
 
