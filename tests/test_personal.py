@@ -150,8 +150,10 @@ def test_personal_efficacy_script_trains_saves_and_evaluates_a_saved_branch(benc
     """The efficacy script end to end at toy size: train + save, then ``load=`` evaluates the saved
     branch at two strengths (the figures of RESULTS.md come from this code at full size)."""
     script = benchmark_script("efficacy_personal")
+    # a large lr, so two steps move the branch enough to change the images (else a branch that
+    # failed to load would reproduce them too)
     tiny = ["train_prompts=2", "per_prompt=2", "train_users=3", "pairs_per_user=1", "steps=2", "batch_size=2",
-            "heldout_users=1", "heldout_prompts=2", "sample_steps=2"]
+            "heldout_users=1", "heldout_prompts=2", "sample_steps=2", "lr=0.5"]
     branch = tmp_path / "branch.safetensors"
     monkeypatch.setattr("sys.argv", ["efficacy_personal", *tiny, f"out={tmp_path / 'train'}", f"save={branch}",
                                      "train_embed=choice"])
@@ -160,6 +162,7 @@ def test_personal_efficacy_script_trains_saves_and_evaluates_a_saved_branch(benc
     assert branch.is_file()
     assert abs(trained["summary"]["train"]["first_loss"] - 0.6931) < 1e-3
     assert len(trained["per_user"]) == 4 + 1
+    assert any(abs(delta) > 1e-3 for row in trained["per_user"] for delta in row["ppd_taste_delta"].values())
 
     monkeypatch.setattr("sys.argv", ["efficacy_personal", *tiny, f"out={tmp_path / 'load'}", f"load={branch}",
                                      "strengths=[0.5,1.0]"])
