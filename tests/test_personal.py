@@ -121,12 +121,15 @@ def test_errors_name_what_is_wrong(sd, personaliser):
         steer_only.generate("a red circle", torch.randn(48), route="ppd")
 
 
-def test_testbed_ppd_config_refuses_an_unknown_embedding_pool():
+def test_testbed_ppd_config_refuses_an_unknown_embedding_pool_or_error_space():
     from visalign.personal import TestbedPPDConfig as PersonalConfig  # not named Test*: pytest would collect it
 
     assert PersonalConfig(train_embed="choice").train_embed == "choice"
     with pytest.raises(ValueError, match="train_embed must be 'pool' or 'choice'"):
         PersonalConfig(train_embed="demo")
+    assert PersonalConfig(error_space="sample").error_space == "sample"
+    with pytest.raises(ValueError, match="error_space must be"):
+        PersonalConfig(error_space="x0")
 
 
 def test_cli_sample_with_a_user_file(tiny_model_dir, personaliser, tmp_path):
@@ -156,11 +159,12 @@ def test_personal_efficacy_script_trains_saves_and_evaluates_a_saved_branch(benc
             "heldout_users=1", "heldout_prompts=2", "sample_steps=2", "lr=0.5"]
     branch = tmp_path / "branch.safetensors"
     monkeypatch.setattr("sys.argv", ["efficacy_personal", *tiny, f"out={tmp_path / 'train'}", f"save={branch}",
-                                     "train_embed=choice"])
+                                     "train_embed=choice", "error_space=sample"])
     script.main()
     trained = json.loads((tmp_path / "train" / "report.json").read_text())
     assert branch.is_file()
     assert abs(trained["summary"]["train"]["first_loss"] - 0.6931) < 1e-3
+    assert trained["config"]["error_space"] == "sample"
     assert len(trained["per_user"]) == 4 + 1
     assert any(abs(delta) > 1e-3 for row in trained["per_user"] for delta in row["ppd_taste_delta"].values())
 

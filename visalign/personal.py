@@ -271,6 +271,8 @@ class TestbedPPDConfig:
     beta: float = field(5000.0, help="DPO beta (Salesforce meaning)")
     user_dropout: float = field(0.1, help="user-embedding dropout")
     sft_weight: float = field(0.0, help="PPD's extra denoising loss on the winners (PPDOptions.sft_weight)")
+    error_space: str = field("native", help="PPDOptions.error_space: native (epsilon) or sample (x0 errors; "
+                                            "rescale beta, e.g. 2000 -> 100)")
     num_tokens: int = field(4, help="user tokens")
     sample_steps: int = field(10, help="sampling steps (pool and evaluation)")
     cfg: float = field(5.0, help="classifier-free guidance")
@@ -281,3 +283,6 @@ class TestbedPPDConfig:
             raise ValueError(f"strengths must be a non-empty list of positive user-branch scales, got {self.strengths!r}")
         if self.train_embed not in ("pool", "choice"):
             raise ValueError(f"train_embed must be 'pool' or 'choice', got {self.train_embed!r}")
+        if self.error_space not in ("native", "epsilon", "v_prediction", "sample"):
+            raise ValueError(f"error_space must be native, epsilon, v_prediction or sample (the testbed's SD "
+                             f"model), got {self.error_space!r}")

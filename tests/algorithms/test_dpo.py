@@ -213,3 +213,35 @@ def test_sft_term_and_soft_labels(tiny_model_dir):
     assert DiffusionDPO(generator, DPOOptions()).loss(tied, rng())[0].item() == pytest.approx(math.log(2), abs=1e-6)
     with pytest.raises(ValueError, match="loss_type=sigmoid"):
         DiffusionDPO(generator, DPOOptions(loss_type="hinge")).loss(tied, rng())
+
+
+@pytest.mark.parametrize("family", ["sd", "sd3"])
+def test_error_space_sample_compares_the_implied_clean_latents(tiny_model_dir, family):
+    # error_space=sample: the DPO logit from the x0 errors of policy and reference, by hand.
+    from visalign.algorithms.common import paired_noising, prompt_dropout_mask
+
+    generator, _ = lora_generator(tiny_model_dir, family, perturb=0.05)
+    g = torch.Generator().manual_seed(5)
+    winners, losers = (torch.randn(generator.latent_shape(3), generator=g) for _ in range(2))
+    batch = dict(pair_batch(generator), cached={"winner": winners, "loser": losers,
+                                                "cond": generator.encode_prompt(PROMPTS)})
+    beta = 30.0
+    loss, metrics = DiffusionDPO(generator, DPOOptions(beta=beta, error_space="sample")).loss(batch, rng())
+
+    r = rng()
+    prompt_dropout_mask(3, 0.0, r)
+    latents = torch.stack([winners, losers], dim=1).flatten(0, 1)
+    x_t, _, t, _ = paired_noising(generator, latents, 2, r)
+    cond = generator.encode_prompt(PROMPTS).repeat_interleave(2)
+    with torch.no_grad():
+        policy = per_sample_mse(generator.predict_x0(x_t, t, generator.predict(x_t, t, cond)), latents).view(3, 2)
+        reference = per_sample_mse(generator.predict_x0(x_t, t, generator.reference().predict(x_t, t, cond)),
+                                   latents).view(3, 2)
+    z = -0.5 * beta * ((policy[:, 0] - reference[:, 0]) - (policy[:, 1] - reference[:, 1]))  # Salesforce beta
+    assert z.abs().max() > 1e-3  # the perturbed policy differs from the reference
+    assert loss.item() == pytest.approx(-F.logsigmoid(z).mean().item(), rel=1e-4)
+    assert metrics["mse_winner"] == pytest.approx(policy[:, 0].mean().item(), rel=1e-4)
+    native, _ = DiffusionDPO(generator, DPOOptions(beta=beta)).loss(batch, rng())
+    assert native.item() != pytest.approx(loss.item(), rel=1e-3)
+    with pytest.raises(ConfigError, match="error_space must be one of"):
+        DiffusionDPO(generator, DPOOptions(error_space="v_prediction" if family == "sd3" else "flow"))

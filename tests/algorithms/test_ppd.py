@@ -113,6 +113,26 @@ def test_sft_weight_adds_the_winners_denoising_loss_under_their_user(sd):
         PPD(sd, PPDOptions(sft_weight=-1.0))
 
 
+def test_error_space_sample_measures_the_errors_in_x0(sd):
+    """At one timestep the x0 errors are the native (epsilon) errors times (1 - abar) / abar."""
+    add_user_branch(sd, USER_DIM)
+    with torch.no_grad():
+        for name, p in sd.denoiser.named_parameters():
+            if "to_v_user" in name:
+                p.normal_(0, 0.5)
+    sd.sample_timesteps = lambda n, generator=None: torch.full((n,), 800)
+    batch = pair_batch(sd)
+    native = PPD(sd, PPDOptions(user_dropout=0.0)).loss(batch, torch.Generator().manual_seed(1))[1]
+    x0 = PPD(sd, PPDOptions(user_dropout=0.0, error_space="sample")).loss(batch, torch.Generator().manual_seed(1))[1]
+    weight = (1 - sd.alphas_cumprod[800]) / sd.alphas_cumprod[800]
+    assert weight > 10
+    for key in ("mse_winner", "mse_loser"):
+        assert x0[key] == pytest.approx(native[key] * weight.item(), rel=1e-4), key
+    assert x0["margin"] == pytest.approx(native["margin"] * weight.item(), rel=1e-3)
+    with pytest.raises(Exception, match="error_space must be one of"):
+        PPD(sd, PPDOptions(error_space="x0"))
+
+
 def test_swapping_users_changes_only_the_user_branch(sd):
     add_user_branch(sd, USER_DIM)
     with torch.no_grad():

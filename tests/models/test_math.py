@@ -176,3 +176,31 @@ def test_stored_transitions_reevaluate_to_the_sampling_log_prob(generators, fami
     finally:
         gen.denoiser.load_state_dict(saved)
     assert not torch.allclose(moved.log_prob, trajectory.log_probs[:, 1], atol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_error_weight_converts_a_native_error_into_each_space(generators, family):
+    # An error d in the denoiser's own output, read through the family's own conversions, is an
+    # error in x0, in eps, in v / velocity; its squared size there is error_weight times the native one.
+    from visalign.algorithms.common import per_sample_mse
+
+    gen = generators[family]
+    x0, noise, d = _random((6, 4, 8, 8), 0), _random((6, 4, 8, 8), 1), 0.1 * _random((6, 4, 8, 8), 2)
+    t = gen.sample_timesteps(6, generator=torch.Generator().manual_seed(3))
+    x_t = gen.add_noise(x0, noise, t)
+    target = gen.target(x0, noise, t)
+    out = target + d
+    x0_hat, eps_hat = gen.predict_x0(x_t, t, out), gen.predict_noise(x_t, t, out)
+    errors = {"native": per_sample_mse(out, target), "sample": per_sample_mse(x0_hat, x0),
+              "epsilon": per_sample_mse(eps_hat, noise)}
+    if gen.is_flow:
+        errors["flow"] = per_sample_mse(eps_hat - x0_hat, noise - x0)
+    else:
+        abar = gen.alphas_cumprod[t].view(-1, 1, 1, 1)
+        a, s = abar.sqrt(), (1 - abar).sqrt()
+        errors["v_prediction"] = per_sample_mse(a * eps_hat - s * x0_hat, a * noise - s * x0)
+    assert set(errors) == set(gen.ERROR_SPACES)
+    for space, error in errors.items():
+        torch.testing.assert_close(error, errors["native"] * gen.error_weight(t, space), rtol=2e-3, atol=1e-7)
+    with pytest.raises(ValueError, match="error space must be one of"):
+        gen.error_weight(t, "v_prediction" if gen.is_flow else "flow")

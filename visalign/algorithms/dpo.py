@@ -60,6 +60,13 @@ def dpo_loss_from_logits(z: Tensor, loss_type: str = "sigmoid") -> Tensor:
     raise ValueError(f"unknown DPO loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
 
 
+def check_error_space(generator, space: str) -> None:
+    """``options.error_space`` must be one the generator's family can convert its errors to."""
+    if space not in generator.ERROR_SPACES:
+        raise ConfigError(f"options.error_space must be one of {generator.ERROR_SPACES} for the "
+                          f"{generator.family!r} family, got {space!r}")
+
+
 def implicit_accuracy(z: Tensor) -> Tensor:
     """Share of pairs the policy ranks right relative to the reference (ties count half, as in diffusers)."""
     return (z > 0).float().mean() + 0.5 * (z == 0).float().mean()
@@ -74,6 +81,9 @@ class DPOOptions:
                                         "both likelihoods falling)")
     prompt_dropout: float = field(0.0, help="probability of training a pair with the empty prompt "
                                             "(Salesforce: 0.2 for SD1.5/SDXL)")
+    error_space: str = field("native", help="space the denoising errors are compared in: native (the model's "
+                                            "own target, as Diffusion-DPO), epsilon, v_prediction, sample (x0; "
+                                            "weights the high-noise steps) or flow; rescale beta with it")
 
 
 def pair_metrics(loss: torch.Tensor, z: torch.Tensor, policy: torch.Tensor,
@@ -111,6 +121,7 @@ class DiffusionDPO(Objective):
             raise ConfigError("options.beta_schedule=derived applies to flow models only")
         if self.options.beta <= 0:
             raise ConfigError(f"options.beta must be positive, got {self.options.beta}")
+        check_error_space(generator, self.options.error_space)
 
     def loss(self, batch: dict, rng: torch.Generator):
         gen = self.generator
@@ -121,8 +132,9 @@ class DiffusionDPO(Objective):
         # [w0, l0, w1, l1, ...]: one noise and one timestep per pair.
         latents = torch.stack([winners, losers], dim=1).flatten(0, 1)
         x_t, _, t, target = paired_noising(gen, latents, 2, rng)
-        policy = per_sample_mse(gen.predict(x_t, t, cond), target).view(pairs, 2)
-        reference = per_sample_mse(gen.reference().predict(x_t, t, cond), target).view(pairs, 2)
+        weight = gen.error_weight(t, self.options.error_space)
+        policy = (per_sample_mse(gen.predict(x_t, t, cond), target) * weight).view(pairs, 2)
+        reference = (per_sample_mse(gen.reference().predict(x_t, t, cond), target) * weight).view(pairs, 2)
         beta = self.options.beta
         if self.options.beta_schedule == "derived":
             s = t.view(pairs, 2)[:, 0].float().to(policy.device)

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from ..config import ConfigError, configclass, field
 from ..training.objective import Objective, register_objective
 from .common import batch_latents, paired_noising, per_sample_mse, prompt_cond
-from .dpo import dpo_logits, dpo_loss_from_logits, pair_metrics
+from .dpo import check_error_space, dpo_logits, dpo_loss_from_logits, pair_metrics
 
 USER_PROJECTION = "user_projection"
 ADAPTER_FORMAT = "visalign-ppd-user-branch"
@@ -292,6 +292,9 @@ class PPDOptions:
     train_lora: bool = field(False, help="also train the trainer's LoRA on the base (default: user branch only)")
     sft_weight: float = field(0.0, help="weight of an extra denoising loss on the winners under their user's "
                                         "embedding (as objective dpo's sft_weight; not in the paper)")
+    error_space: str = field("native", help="as objective dpo's: the space the denoising errors are compared in "
+                                            "(sample: x0, which weights the high-noise steps where a testbed "
+                                            "image's background colour is decided)")
 
 
 @register_objective("ppd")
@@ -315,6 +318,7 @@ class PPD(Objective):
             raise ConfigError(f"options.sft_weight must be >= 0, got {self.options.sft_weight}")
         if not 0 <= self.options.user_dropout < 1:
             raise ConfigError(f"options.user_dropout must be in [0, 1), got {self.options.user_dropout}")
+        check_error_space(generator, self.options.error_space)
         self.table: dict[str, Tensor] = {}
         if self.options.user_embeddings:
             from safetensors.torch import load_file
@@ -361,8 +365,9 @@ class PPD(Objective):
         latents = torch.stack([winners, losers], dim=1).flatten(0, 1)  # [w0, l0, w1, l1, ...]
         x_t, _, t, target = paired_noising(gen, latents, 2, rng)
         user_cond = with_user(cond, users).repeat_interleave(2)
-        policy = per_sample_mse(gen.predict(x_t, t, user_cond), target).view(pairs, 2)
-        reference = per_sample_mse(_reference_output(gen, x_t, t, cond.repeat_interleave(2)), target).view(pairs, 2)
+        weight = gen.error_weight(t, self.options.error_space)
+        policy = (per_sample_mse(gen.predict(x_t, t, user_cond), target) * weight).view(pairs, 2)
+        reference = (per_sample_mse(_reference_output(gen, x_t, t, cond.repeat_interleave(2)), target) * weight).view(pairs, 2)
         per_pair, z = ppd_loss(policy[:, 0], policy[:, 1], reference[:, 0], reference[:, 1], self.options.beta)
         loss = per_pair.mean()
         if self.options.sft_weight:

@@ -518,6 +518,20 @@ class Generator:
     def predict_x0(self, x_t: Tensor, t: Tensor, model_output: Tensor) -> Tensor:
         raise NotImplementedError
 
+    #: spaces :meth:`error_weight` converts to (diffusers' ``prediction_type`` names; ``flow``: velocity)
+    ERROR_SPACES: tuple[str, ...] = ()
+
+    def error_weight(self, t: Tensor, space: str = "native") -> Tensor:
+        """Per-sample factor ``[B]`` turning a squared error of the denoiser's own output at ``t``
+        into the squared error of the same prediction read in ``space``.
+
+        ``"native"`` is 1. ``"sample"`` measures the error of the implied clean latent ``x0``: for
+        an epsilon model it is ``(1 - abar_t) / abar_t``, which weights the high-noise steps where a
+        sample's layout and global colour are decided (an epsilon error there barely shows, since
+        ``x_t`` is almost the noise itself). Used by the pairwise objectives' ``error_space``.
+        """
+        raise NotImplementedError
+
     def predict_noise(self, x_t: Tensor, t: Tensor, model_output: Tensor) -> Tensor:
         raise NotImplementedError
 

@@ -88,6 +88,20 @@ class DiffusionGenerator(Generator):
             return a * x_t - s * out, a * out + s * x_t
         return out, (x_t - a * out) / s
 
+    ERROR_SPACES = ("native", "epsilon", "v_prediction", "sample")
+
+    def error_weight(self, t: Tensor, space: str = "native") -> Tensor:
+        # With x_t fixed, an error d in x0 is an error (a/s) d in eps and d/s in v; each space's
+        # squared gain over x0's, divided by the native one's, converts native errors to it.
+        if space not in self.ERROR_SPACES:
+            raise ValueError(f"error space must be one of {self.ERROR_SPACES}, got {space!r}")
+        t = torch.as_tensor(t, device=self.device).reshape(-1)
+        abar = self._abar(t, t.float())
+        if space == "native":
+            return torch.ones_like(abar)
+        gain = {"sample": torch.ones_like(abar), "epsilon": abar / (1 - abar), "v_prediction": 1 / (1 - abar)}
+        return gain[space] / gain[self.prediction_type]
+
     def predict_x0(self, x_t: Tensor, t: Tensor, model_output: Tensor) -> Tensor:
         a, s = self._coefficients(t, x_t)
         return self._x0_and_noise(x_t.float(), model_output.float(), a, s)[0].to(model_output.dtype)

@@ -53,6 +53,17 @@ class FlowGenerator(Generator):
     def target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
         return noise - x0
 
+    ERROR_SPACES = ("native", "flow", "epsilon", "sample")
+
+    def error_weight(self, t: Tensor, space: str = "native") -> Tensor:
+        # x0 = x_t - s v and eps = x_t + (1 - s) v: a velocity error d is s d in x0, (1 - s) d in eps.
+        if space not in self.ERROR_SPACES:
+            raise ValueError(f"error space must be one of {self.ERROR_SPACES}, got {space!r}")
+        s = torch.as_tensor(t, dtype=torch.float32, device=self.device).reshape(-1)
+        if space in ("native", "flow"):
+            return torch.ones_like(s)
+        return s**2 if space == "sample" else (1 - s) ** 2
+
     def predict_x0(self, x_t: Tensor, t: Tensor, model_output: Tensor) -> Tensor:
         s = self._s(t, x_t)
         return (x_t.float() - s * model_output.float()).to(model_output.dtype)
