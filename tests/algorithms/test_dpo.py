@@ -82,6 +82,26 @@ def test_ipo_minimum_is_at_the_target_margin_one_over_beta():
     assert abs(h[loss.argmin()].item() - 1 / beta) < 1e-4
 
 
+def test_a_shift_shared_by_winner_and_loser_moves_the_logit_linearly_and_sft_bounds_it():
+    # docs/algorithms/dpo.md: with shared noise, m_w - m_l changes by -2 d.(r_w - r_l) for a shift d
+    # of both predictions; the squares cancel, so z is linear in d (no optimum) ...
+    g = torch.Generator().manual_seed(4)
+    target_w, target_l, prediction, d = (torch.randn(1, 4, 8, 8, generator=g) for _ in range(4))
+    reference = per_sample_mse(prediction, target_w), per_sample_mse(prediction, target_l)
+
+    def z(scale):
+        shifted = prediction + scale * d
+        return dpo_logits(per_sample_mse(shifted, target_w), per_sample_mse(shifted, target_l), *reference, 10.0).item()
+
+    slope = z(1.0) - z(0.0)
+    assert abs(slope) > 1e-3
+    for scale in (-3.0, 2.0, 5.0):
+        assert z(scale) - z(0.0) == pytest.approx(scale * slope, rel=1e-4, abs=1e-5)
+    # ... while the winners' error (the SFT term) is quadratic in it, minimal at the winner
+    sft = [per_sample_mse(prediction + scale * d, target_w).item() for scale in (0.0, 1.0, 2.0)]
+    assert sft[0] - 2 * sft[1] + sft[2] > 0
+
+
 def test_implicit_accuracy_counts_ties_half():
     assert implicit_accuracy(torch.tensor([1.0, -1.0, 0.0, 0.0])).item() == pytest.approx(0.5)
 
