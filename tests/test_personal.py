@@ -178,3 +178,21 @@ def test_personal_efficacy_script_trains_saves_and_evaluates_a_saved_branch(benc
     # the same branch, users and noise at strength 1: the same images as when it was trained
     assert row["ppd_utility"] == pytest.approx(trained["per_user"][0]["ppd_utility"], abs=1e-4)
     assert row["best_of_4_win_rate"] == trained["per_user"][0]["best_of_4_win_rate"]
+
+
+@pytest.mark.parametrize("mode", ["ppd", "dpo"])
+def test_single_taste_probe_end_to_end(benchmark_script, mode, tmp_path):
+    """The session-13 diagnostic (benchmarks/probe_single_taste.py) at toy size: pairs by one
+    user, a few steps with a large lr, taste changes measured against the base model."""
+    script = benchmark_script("probe_single_taste")
+    tiny = ["--mode", mode, "--train-prompts", "3", "--per-prompt", "3", "--min-gap", "0", "--steps", "2",
+            "--batch-size", "2", "--heldout-prompts", "2", "--sample-steps", "2", "--eval-every", "2", "--lr", "0.5",
+            "--error-space", "sample", "--beta", "100", "--sft-weight", "25", "--out", str(tmp_path / "probe.json")]
+    report = script.main(tiny)
+    assert report["pairs"] > 0 and report["mean_gap"] >= 0
+    (row,) = report["curve"]
+    assert row["step"] == 2 and len(row["delta_cfg5"]) == 4
+    assert ("delta_cfg5_user_in_negative" in row) == (mode == "ppd")
+    assert any(abs(v) > 1e-4 for v in row["delta_cfg5"] + row["delta_cfg1"])  # training moved the images
+    with pytest.raises(SystemExit, match="no pair of the pool differs"):
+        script.main([*tiny[:6], "--min-gap", "2"])
