@@ -55,6 +55,14 @@ def denoise(generator, cond, seed=0):
         return generator.predict(x_t, torch.full((len(cond),), 500), cond)
 
 
+def perturb_user_values(generator, std=0.5):
+    """Move every W_v' off zero, so the user branch changes the output."""
+    with torch.no_grad():
+        for name, p in generator.denoiser.named_parameters():
+            if "to_v_user" in name:
+                p.normal_(0, std)
+
+
 def test_zero_initialised_branch_equals_base(sd):
     cond = sd.encode_prompt(PROMPTS)
     base = denoise(sd, cond)
@@ -63,10 +71,7 @@ def test_zero_initialised_branch_equals_base(sd):
     personal = denoise(sd, with_user(cond, users(3)))
     assert torch.allclose(personal, base, atol=1e-6)  # W_v' = 0: the user branch adds exactly 0
     # once W_v' moves, the user branch changes the output, and a zero user still gives the base
-    with torch.no_grad():
-        for name, p in sd.denoiser.named_parameters():
-            if "to_v_user" in name:
-                p.normal_(0, 0.5)
+    perturb_user_values(sd)
     assert (denoise(sd, with_user(cond, users(3))) - base).abs().max() > 1e-3
     assert torch.allclose(denoise(sd, with_user(cond, torch.zeros(3, USER_DIM))), base, atol=1e-6)
     set_user_scale(sd, 0.0)
@@ -116,10 +121,7 @@ def test_sft_weight_adds_the_winners_denoising_loss_under_their_user(sd):
 def test_error_space_sample_measures_the_errors_in_x0(sd):
     """At one timestep the x0 errors are the native (epsilon) errors times (1 - abar) / abar."""
     add_user_branch(sd, USER_DIM)
-    with torch.no_grad():
-        for name, p in sd.denoiser.named_parameters():
-            if "to_v_user" in name:
-                p.normal_(0, 0.5)
+    perturb_user_values(sd)
     sd.sample_timesteps = lambda n, generator=None: torch.full((n,), 800)
     batch = pair_batch(sd)
     native = PPD(sd, PPDOptions(user_dropout=0.0)).loss(batch, torch.Generator().manual_seed(1))[1]
@@ -135,10 +137,7 @@ def test_error_space_sample_measures_the_errors_in_x0(sd):
 
 def test_swapping_users_changes_only_the_user_branch(sd):
     add_user_branch(sd, USER_DIM)
-    with torch.no_grad():
-        for name, p in sd.denoiser.named_parameters():
-            if "to_v_user" in name:
-                p.normal_(0, 0.5)
+    perturb_user_values(sd)
     # Record each cross-attention's text branch (the base processor's output).
     texts = {}
     for name, processor in sd.denoiser.attn_processors.items():
@@ -223,10 +222,7 @@ def test_sdxl_user_branch_starts_at_base_and_responds_to_users(tiny_model_dir):
     base = denoise(generator, cond)
     add_user_branch(generator, USER_DIM)
     assert torch.allclose(denoise(generator, with_user(cond, users(2))), base, atol=1e-6)
-    with torch.no_grad():
-        for name, p in generator.denoiser.named_parameters():
-            if "to_v_user" in name:
-                p.normal_(0, 0.5)
+    perturb_user_values(generator)
     assert (denoise(generator, with_user(cond, users(2))) - base).abs().max() > 1e-3
 
 
