@@ -265,3 +265,7 @@ def test_error_space_sample_compares_the_implied_clean_latents(tiny_model_dir, f
     assert native.item() != pytest.approx(loss.item(), rel=1e-3)
     with pytest.raises(ConfigError, match="error_space must be one of"):
         DiffusionDPO(generator, DPOOptions(error_space="v_prediction" if family == "sd3" else "flow"))
+    # checked without a model too (config validation: any family's space)
+    DiffusionDPO(None, DPOOptions(error_space="flow"))
+    with pytest.raises(ConfigError, match="error_space must be one of"):
+        DiffusionDPO(None, DPOOptions(error_space="x0"))

@@ -60,8 +60,16 @@ def dpo_loss_from_logits(z: Tensor, loss_type: str = "sigmoid") -> Tensor:
     raise ValueError(f"unknown DPO loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
 
 
+ERROR_SPACES = ("native", "epsilon", "v_prediction", "sample", "flow")
+
+
 def check_error_space(generator, space: str) -> None:
-    """``options.error_space`` must be one the generator's family can convert its errors to."""
+    """``options.error_space`` must be one the generator's family can convert its errors to (any
+    family's, when the options are checked without a model)."""
+    if generator is None:
+        if space not in ERROR_SPACES:
+            raise ConfigError(f"options.error_space must be one of {ERROR_SPACES}, got {space!r}")
+        return
     if space not in generator.ERROR_SPACES:
         raise ConfigError(f"options.error_space must be one of {generator.ERROR_SPACES} for the "
                           f"{generator.family!r} family, got {space!r}")
