@@ -283,6 +283,7 @@ class TestbedPPDConfig:
             raise ValueError(f"strengths must be a non-empty list of positive user-branch scales, got {self.strengths!r}")
         if self.train_embed not in ("pool", "choice"):
             raise ValueError(f"train_embed must be 'pool' or 'choice', got {self.train_embed!r}")
-        if self.error_space not in ("native", "epsilon", "v_prediction", "sample"):
-            raise ValueError(f"error_space must be native, epsilon, v_prediction or sample (the testbed's SD "
-                             f"model), got {self.error_space!r}")
+        from .models.diffusion import DiffusionGenerator
+
+        if self.error_space not in DiffusionGenerator.ERROR_SPACES:  # the testbed's SD model
+            raise ValueError(f"error_space must be one of {DiffusionGenerator.ERROR_SPACES}, got {self.error_space!r}")

@@ -38,6 +38,8 @@ from torch import Tensor
 
 from ..config import ConfigError, configclass, field
 from ..training.objective import Objective, register_objective
+from ..models.diffusion import DiffusionGenerator
+from ..models.flow import FlowGenerator
 from .common import batch_latents, paired_noising, per_sample_mse, prompt_cond, prompt_dropout_mask
 
 LOSS_TYPES = ("sigmoid", "hinge", "ipo")
@@ -60,7 +62,8 @@ def dpo_loss_from_logits(z: Tensor, loss_type: str = "sigmoid") -> Tensor:
     raise ValueError(f"unknown DPO loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
 
 
-ERROR_SPACES = ("native", "epsilon", "v_prediction", "sample", "flow")
+# every family's spaces, for options checked without a model
+ERROR_SPACES = tuple(dict.fromkeys(DiffusionGenerator.ERROR_SPACES + FlowGenerator.ERROR_SPACES))
 
 
 def check_error_space(generator, space: str) -> None:
