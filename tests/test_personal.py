@@ -159,12 +159,12 @@ def test_personal_efficacy_script_trains_saves_and_evaluates_a_saved_branch(benc
             "heldout_users=1", "heldout_prompts=2", "sample_steps=2", "lr=0.5"]
     branch = tmp_path / "branch.safetensors"
     monkeypatch.setattr("sys.argv", ["efficacy_personal", *tiny, f"out={tmp_path / 'train'}", f"save={branch}",
-                                     "train_embed=choice", "error_space=sample"])
+                                     "train_embed=choice", "error_space=sample", "odd=true"])
     script.main()
     trained = json.loads((tmp_path / "train" / "report.json").read_text())
     assert branch.is_file()
     assert abs(trained["summary"]["train"]["first_loss"] - 0.6931) < 1e-3
-    assert trained["config"]["error_space"] == "sample"
+    assert trained["config"]["error_space"] == "sample" and trained["config"]["odd"] is True
     assert len(trained["per_user"]) == 4 + 1
     assert any(abs(delta) > 1e-3 for row in trained["per_user"] for delta in row["ppd_taste_delta"].values())
 
@@ -175,7 +175,8 @@ def test_personal_efficacy_script_trains_saves_and_evaluates_a_saved_branch(benc
     assert loaded["summary"]["train"] is None and "pool_s" not in loaded["timings_s"]
     row = loaded["per_user"][0]
     assert {"ppd_win_rate", "ppd_x0.5_win_rate", "ppd_x0.5_oracle"} <= set(row)
-    # the same branch, users and noise at strength 1: the same images as when it was trained
+    # the same branch (odd, from the file's metadata), users and noise at strength 1: the same
+    # images as when it was trained
     assert row["ppd_utility"] == pytest.approx(trained["per_user"][0]["ppd_utility"], abs=1e-4)
     assert row["best_of_4_win_rate"] == trained["per_user"][0]["best_of_4_win_rate"]
 

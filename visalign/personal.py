@@ -274,6 +274,8 @@ class TestbedPPDConfig:
     error_space: str = field("native", help="PPDOptions.error_space: native (epsilon) or sample (x0 errors; "
                                             "rescale beta, e.g. 2000 -> 100)")
     num_tokens: int = field(4, help="user tokens")
+    odd: bool = field(False, help="PPDOptions.odd: a user branch odd in the embedding (opposite choices, opposite "
+                                  "change; no change shared by all users)")
     sample_steps: int = field(10, help="sampling steps (pool and evaluation)")
     cfg: float = field(5.0, help="classifier-free guidance")
     seed: int = field(0, help="seed of everything")

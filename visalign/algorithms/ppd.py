@@ -20,6 +20,15 @@ policy MSEs use ``f_theta(x_t, c, e_u, t)`` and the reference is the frozen base
 conditioning. Each pair uses the embedding of the user who labelled it. At initialisation the
 policy equals the reference, ``z = 0`` and the loss is ``ln 2``.
 
+Odd branch (``odd=True``; an extension, not in the paper): the user attention becomes
+``(A(e_u) - A(-e_u)) / 2``, an odd function of the embedding. visalign's user embedding is a
+preference *direction* (chosen minus rejected, :func:`visalign.personal.embed_user`), so the user
+who makes the opposite choices has the embedding ``-e_u``; the odd branch gives that user the
+opposite change and cannot learn a change shared by every user (the even part that DPO's
+shared-shift direction otherwise fills, docs/algorithms/dpo.md). Since the projection is linear,
+``A(-e_u)`` is the same attention with negated tokens, i.e. with the query negated:
+``softmax(-Q K_u^T / sqrt(d)) (-V_u)``, so the odd branch costs one more small attention.
+
 How it plugs in: :func:`add_user_branch` installs the processors and the projection on the
 Generator's UNet; the Generator passes ``Cond.user_embeds`` to the UNet as a cross-attention
 keyword (``user_embeds``), which a forward pre-hook on the UNet turns into tokens once per call.
@@ -79,8 +88,9 @@ class UserAttnProcessor(nn.Module):
 
     takes_user_tokens = True
 
-    def __init__(self, base_processor: Any, text_to_k: nn.Linear, hidden_size: int) -> None:
+    def __init__(self, base_processor: Any, text_to_k: nn.Linear, hidden_size: int, odd: bool = False) -> None:
         super().__init__()
+        self.odd = bool(odd)
         self.base_processor = base_processor
         cross_dim = text_to_k.in_features
         self.to_k_user = nn.Linear(cross_dim, hidden_size, bias=False)
@@ -105,6 +115,10 @@ class UserAttnProcessor(nn.Module):
         head_dim = key.shape[-1] // heads
         query, key, value = (x.view(batch, -1, heads, head_dim).transpose(1, 2) for x in (query, key, value))
         user = F.scaled_dot_product_attention(query, key, value)
+        if self.odd:
+            # A(-e) = softmax(-Q K^T) (-V): tokens(-e) = -tokens(e), so (A(e) - A(-e)) / 2 averages
+            # the attention of Q and of -Q over the same values
+            user = 0.5 * (user + F.scaled_dot_product_attention(-query, key, value))
         user = user.transpose(1, 2).reshape(batch, -1, heads * head_dim)
         user = F.linear(user, attn.to_out[0].weight) / attn.rescale_output_factor
         return out + self.scale * user
@@ -145,11 +159,13 @@ def has_user_branch(denoiser: nn.Module) -> bool:
     return isinstance(getattr(getattr(denoiser, "module", denoiser), USER_PROJECTION, None), UserProjection)
 
 
-def add_user_branch(generator, user_dim: int, num_tokens: int = 4, seed: int = 0) -> list[nn.Parameter]:
+def add_user_branch(generator, user_dim: int, num_tokens: int = 4, seed: int = 0,
+                    odd: bool = False) -> list[nn.Parameter]:
     """Install the user branch on ``generator``'s UNet (frozen base); return its new parameters.
 
     The projection is drawn from ``seed``; ``W_k'`` copies the text key projection and ``W_v'`` is
-    zero, so the model's output is unchanged until training moves ``W_v'``.
+    zero, so the model's output is unchanged until training moves ``W_v'``. ``odd=True`` makes the
+    branch an odd function of the user embedding (module docstring).
     """
     unet = _unet(generator)
     if has_user_branch(unet):
@@ -165,7 +181,7 @@ def add_user_branch(generator, user_dim: int, num_tokens: int = 4, seed: int = 0
     for name, processor in unet.attn_processors.items():
         attn = unet.get_submodule(name.removesuffix(".processor"))
         if attn.is_cross_attention:
-            processors[name] = UserAttnProcessor(processor, attn.to_k, attn.to_q.out_features).to(
+            processors[name] = UserAttnProcessor(processor, attn.to_k, attn.to_q.out_features, odd).to(
                 device=generator.device, dtype=generator.dtype)
         else:
             processors[name] = PassThroughProcessor(processor)
@@ -199,18 +215,29 @@ def set_user_scale(generator, scale: float) -> None:
             processor.scale = float(scale)
 
 
+def user_branch_is_odd(generator) -> bool:
+    """Whether the installed user branch is odd in the embedding (``add_user_branch(odd=True)``)."""
+    return any(p.odd for p in _unet(generator).attn_processors.values() if isinstance(p, UserAttnProcessor))
+
+
+def _set_user_odd(generator, odd: bool) -> None:
+    for processor in _unet(generator).attn_processors.values():
+        if isinstance(processor, UserAttnProcessor):
+            processor.odd = bool(odd)
+
+
 def user_dim(generator) -> int:
     return getattr(_unet(generator), USER_PROJECTION).user_dim
 
 
 def save_user_branch(generator, path: str | os.PathLike, metadata: dict | None = None) -> Path:
-    """The user branch's weights only, as safetensors (``user_dim``/``num_tokens`` in the metadata)."""
+    """The user branch's weights only, as safetensors (``user_dim``/``num_tokens``/``odd`` in the metadata)."""
     from safetensors.torch import save_file
 
     projection = getattr(_unet(generator), USER_PROJECTION)
     state = {name: p.detach().float().contiguous().cpu() for name, p in user_branch_named_parameters(generator).items()}
     info = {"format": ADAPTER_FORMAT, "user_dim": str(projection.user_dim), "num_tokens": str(projection.num_tokens),
-            "metadata": json.dumps(metadata or {})}
+            "odd": str(user_branch_is_odd(generator)).lower(), "metadata": json.dumps(metadata or {})}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(path), metadata=info)
@@ -230,9 +257,13 @@ def load_user_branch(generator, path: str | os.PathLike) -> dict:
     if info.get("format") != ADAPTER_FORMAT:
         raise ValueError(f"{path} is not a PPD user branch (metadata format {info.get('format')!r}, "
                          f"expected {ADAPTER_FORMAT!r})")
+    odd = info.get("odd", "false")  # files from before the option have none: the plain branch
+    if odd not in ("true", "false"):
+        raise ValueError(f"{path}: metadata 'odd' must be 'true' or 'false', got {odd!r}")
     unet = _unet(generator)
     if not has_user_branch(unet):
         add_user_branch(generator, int(info["user_dim"]), int(info["num_tokens"]))
+    _set_user_odd(generator, odd == "true")  # the file decides the branch's function
     own = user_branch_named_parameters(generator)
     if set(own) != set(state):
         missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
@@ -295,6 +326,9 @@ class PPDOptions:
     error_space: str = field("native", help="as objective dpo's: the space the denoising errors are compared in "
                                             "(sample: x0, which weights the high-noise steps where a testbed "
                                             "image's background colour is decided)")
+    odd: bool = field(False, help="make the user branch odd in the embedding, branch(-e) = -branch(e): the user "
+                                  "with the opposite choices gets the opposite change, and no change is shared "
+                                  "by all users (suits visalign's preference-direction embeddings; not in the paper)")
 
 
 @register_objective("ppd")
@@ -329,7 +363,10 @@ class PPD(Objective):
             if dim is None:
                 raise ConfigError("PPD needs a user branch: call add_user_branch(generator, user_dim) or set "
                                   "options.user_embeddings so its dimension is known")
-            add_user_branch(generator, dim, self.options.num_tokens)
+            add_user_branch(generator, dim, self.options.num_tokens, odd=self.options.odd)
+        elif user_branch_is_odd(generator) != self.options.odd:
+            raise ConfigError(f"options.odd is {self.options.odd} but the installed user branch has odd="
+                              f"{user_branch_is_odd(generator)} (add_user_branch(..., odd=...) must agree)")
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The user branch: what ``visalign train`` optimises (plus LoRA with ``train_lora``)."""
@@ -340,7 +377,7 @@ class PPD(Objective):
         o = self.options
         return save_user_branch(self.generator, Path(directory) / "user_branch.safetensors",
                                 {"objective": "ppd", "beta": o.beta, "user_dropout": o.user_dropout,
-                                 "train_lora": o.train_lora})
+                                 "train_lora": o.train_lora, "odd": o.odd})
 
     def user_embeds(self, batch: dict) -> Tensor:
         if batch.get("user_embeds") is not None:
