@@ -1,5 +1,6 @@
-"""What the PPD user branch costs: the UNet forward with and without a user, and one PPD training
-step (user branch only) against one Diffusion-DPO step (LoRA), measured interleaved in one run.
+"""What the PPD user branch costs: the UNet forward with and without a user (plain and odd branch,
+``PPDOptions.odd``), and one PPD training step (user branch only, plain and odd) against one
+Diffusion-DPO step (LoRA), measured interleaved in one run.
 
     python benchmarks/bench_ppd.py --model assets/testbed/sd --batch 16 --repeats 20
 """
@@ -41,6 +42,8 @@ def main() -> None:
     base = load_generator(args.model)
     ppd_model = copy.deepcopy(base)
     add_user_branch(ppd_model, args.user_dim)
+    odd_model = copy.deepcopy(base)
+    add_user_branch(odd_model, args.user_dim, odd=True)
     dpo_model = copy.deepcopy(base)
     dpo_model.add_lora(rank=4)
     size = base.default_resolution
@@ -53,6 +56,7 @@ def main() -> None:
     x_t = torch.randn(base.latent_shape(args.batch), generator=g)
     t = torch.full((args.batch,), 500)
     ppd, dpo = PPD(ppd_model, PPDOptions(user_dropout=0.0)), DiffusionDPO(dpo_model, DPOOptions())
+    odd = PPD(odd_model, PPDOptions(user_dropout=0.0, odd=True))
 
     def forward(model, c):
         with torch.no_grad():
@@ -66,8 +70,10 @@ def main() -> None:
         "forward_base": lambda: forward(base, cond),
         "forward_ppd_no_user": lambda: forward(ppd_model, cond),
         "forward_ppd_user": lambda: forward(ppd_model, with_user(cond, users)),
+        "forward_odd_user": lambda: forward(odd_model, with_user(cond, users)),
         "step_dpo_lora": lambda: step(dpo),
         "step_ppd_branch": lambda: step(ppd),
+        "step_odd_branch": lambda: step(odd),
     }
     for fn in cases.values():  # warm-up
         fn()
@@ -82,6 +88,8 @@ def main() -> None:
             "forward_user_over_base": results["forward_ppd_user"] / results["forward_base"],
             "forward_no_user_over_base": results["forward_ppd_no_user"] / results["forward_base"],
             "step_ppd_over_dpo_lora": results["step_ppd_branch"] / results["step_dpo_lora"],
+            "forward_odd_user_over_base": results["forward_odd_user"] / results["forward_base"],
+            "step_odd_over_plain_ppd": results["step_odd_branch"] / results["step_ppd_branch"],
         },
         "trainable_parameters": {"ppd_branch": sum(p.numel() for p in ppd.trainable_parameters()),
                                  "dpo_lora_rank4": sum(p.numel() for p in dpo_model.trainable_parameters()),
