@@ -130,9 +130,11 @@ def train_user_branch(generator, encoder, args, rng: np.random.Generator, timing
             return batches()
 
     # 3. PPD: only the user branch trains
-    add_user_branch(generator, encoder.embed_dim, num_tokens=args.num_tokens, seed=args.seed, odd=args.odd)
+    add_user_branch(generator, encoder.embed_dim, num_tokens=args.num_tokens, seed=args.seed, odd=args.odd,
+                    timestep_path=args.timestep_path)
     objective = PPD(generator, PPDOptions(beta=args.beta, user_dropout=args.user_dropout, num_tokens=args.num_tokens,
-                                             sft_weight=args.sft_weight, error_space=args.error_space, odd=args.odd))
+                                             sft_weight=args.sft_weight, error_space=args.error_space, odd=args.odd,
+                                             timestep_path=args.timestep_path))
     begin = time.time()
     history = fit_user_branch(objective, Batches(), steps=args.steps, lr=args.lr, seed=args.seed, log_every=50)
     timings["train_s"] = time.time() - begin
@@ -170,6 +172,7 @@ def main() -> None:
                 "encoder": "testbed", "train_users": args.train_users, "pairs": args.train_users * args.pairs_per_user,
                 "steps": args.steps, "lr": args.lr, "beta": args.beta, "user_dropout": args.user_dropout,
                 "sft_weight": args.sft_weight, "error_space": args.error_space, "odd": args.odd,
+                "timestep_path": args.timestep_path,
                 "train_embed": args.train_embed, "model": args.model, "built_by": "benchmarks/efficacy_personal.py"})
 
     # 4. held-out users and prompts

@@ -276,6 +276,8 @@ class TestbedPPDConfig:
     num_tokens: int = field(4, help="user tokens")
     odd: bool = field(False, help="PPDOptions.odd: a user branch odd in the embedding (opposite choices, opposite "
                                   "change; no change shared by all users)")
+    timestep_path: bool = field(False, help="PPDOptions.timestep_path: also shift the UNet's timestep embedding by "
+                                            "a projection of the user embedding (a global path)")
     sample_steps: int = field(10, help="sampling steps (pool and evaluation)")
     cfg: float = field(5.0, help="classifier-free guidance")
     seed: int = field(0, help="seed of everything")

@@ -18,6 +18,7 @@ from visalign.algorithms.ppd import (
     sample_personal,
     save_user_branch,
     set_user_scale,
+    user_branch_has_timestep_path,
     user_branch_is_odd,
     user_branch_parameters,
     with_user,
@@ -227,6 +228,78 @@ def test_odd_option_must_match_the_installed_branch_and_survives_save_load(sd, l
     save_file({"alice": users(1)[0]}, str(table))
     PPD(other, PPDOptions(odd=True, user_embeddings=str(table)))
     assert user_branch_is_odd(other)
+
+
+def record_time_embedding(generator):
+    """Append the UNet's timestep embedding (after the user's shift) to the returned list, per call."""
+    seen = []
+    generator.denoiser.time_embedding.register_forward_hook(lambda module, args, output: seen.append(output))
+    return seen
+
+
+def test_timestep_path_shifts_the_timestep_embedding_by_a_linear_odd_term(sd):
+    """``timestep_path=True``: temb + s * e W_t; zero at start, zero for the zero user, -e gets the
+    opposite shift, the scale scales it, and the first PPD step trains it (and nothing of the base)."""
+    cond = sd.encode_prompt(PROMPTS[:2])
+    base = denoise(sd, cond)
+    new = add_user_branch(sd, USER_DIM, timestep_path=True)
+    assert user_branch_has_timestep_path(sd) and not user_branch_is_odd(sd)
+    assert torch.equal(denoise(sd, cond), base)
+    assert torch.allclose(denoise(sd, with_user(cond, users(2))), base, atol=1e-6)  # W_t = 0, W_v' = 0
+    loss, _ = PPD(sd, PPDOptions(user_dropout=0.0, timestep_path=True)).loss(pair_batch(sd, 2),
+                                                                             torch.Generator().manual_seed(1))
+    loss.backward()
+    path_weight = sd.denoiser.user_timestep.proj.weight
+    assert any(p is path_weight for p in new)
+    assert path_weight.grad is not None and path_weight.grad.abs().sum() > 0
+    new_ids = {id(p) for p in new}
+    assert all(p.grad is None for p in sd.denoiser.parameters() if id(p) not in new_ids)
+
+    with torch.no_grad():
+        path_weight.normal_(0, 0.1)
+    seen = record_time_embedding(sd)
+    e = users(2)
+    denoise(sd, cond)
+    denoise(sd, with_user(cond, e))
+    denoise(sd, with_user(cond, -e))
+    denoise(sd, with_user(cond, torch.zeros(2, USER_DIM)))
+    plain, plus, minus, zero = seen
+    shift = e @ path_weight.detach().T
+    assert torch.allclose(plus - plain, shift, atol=1e-5) and shift.abs().max() > 1e-2
+    assert torch.allclose(minus - plain, -shift, atol=1e-5)
+    assert torch.equal(zero, plain)
+    assert (denoise(sd, with_user(cond, e)) - base).abs().max() > 1e-3  # the shift reaches the output
+    set_user_scale(sd, 0.5)
+    denoise(sd, with_user(cond, e))
+    assert torch.allclose(seen[-1] - plain, 0.5 * shift, atol=1e-5)
+    set_user_scale(sd, 0.0)
+    assert torch.equal(denoise(sd, with_user(cond, e)), base)
+
+
+def test_timestep_path_survives_save_load_and_must_match(sd, loaded_sd, tmp_path):
+    add_user_branch(sd, USER_DIM, timestep_path=True)
+    with pytest.raises(Exception, match="options.timestep_path is False but the installed user branch has "
+                                        "timestep_path=True"):
+        PPD(sd, PPDOptions())
+    objective = PPD(sd, PPDOptions(timestep_path=True, user_dropout=0.0))
+    perturb_user_values(sd)
+    with torch.no_grad():
+        sd.denoiser.user_timestep.proj.weight.normal_(0, 0.1)
+    path = objective.save_trained(tmp_path)
+    cond = sd.encode_prompt(PROMPTS[:2])
+    expected = denoise(sd, with_user(cond, users(2)))
+    fresh = copy.deepcopy(loaded_sd)
+    assert load_user_branch(fresh, path)["timestep_path"] is True
+    assert user_branch_has_timestep_path(fresh)
+    assert torch.allclose(denoise(fresh, with_user(cond, users(2))), expected, atol=1e-6)
+    # a copy of the loaded model carries the path (the hooks hold no reference to the original)
+    copied = copy.deepcopy(fresh)
+    assert torch.allclose(denoise(copied, with_user(cond, users(2))), expected, atol=1e-6)
+    # a branch without the path cannot take the file's weights
+    plain = copy.deepcopy(loaded_sd)
+    add_user_branch(plain, USER_DIM)
+    with pytest.raises(ValueError, match="saved with the timestep path"):
+        load_user_branch(plain, path)
 
 
 def test_ppd_loss_matches_hand_values():

@@ -29,6 +29,13 @@ shared-shift direction otherwise fills, docs/algorithms/dpo.md). Since the proje
 ``A(-e_u)`` is the same attention with negated tokens, i.e. with the query negated:
 ``softmax(-Q K_u^T / sqrt(d)) (-V_u)``, so the odd branch costs one more small attention.
 
+Timestep path (``timestep_path=True``; an extension, not in the paper): besides the tokens, a
+bias-free, zero-initialised projection of ``e_u`` is added to the UNet's timestep embedding,
+``temb' = temb + s * e_u W_t``, which every ResNet block turns into a per-channel shift of its
+features: a global path for tastes that concern the whole image (background brightness, object
+size) rather than where the attention looks. It is linear in ``e_u``, so zero for the zero user
+(the model is still exactly the base model then) and odd (``-e_u`` gets the opposite shift).
+
 How it plugs in: :func:`add_user_branch` installs the processors and the projection on the
 Generator's UNet; the Generator passes ``Cond.user_embeds`` to the UNet as a cross-attention
 keyword (``user_embeds``), which a forward pre-hook on the UNet turns into tokens once per call.
@@ -54,6 +61,7 @@ from .common import batch_latents, paired_noising, per_sample_mse, prompt_cond
 from .dpo import check_error_space, dpo_logits, dpo_loss_from_logits, pair_metrics
 
 USER_PROJECTION = "user_projection"
+USER_TIMESTEP = "user_timestep"
 ADAPTER_FORMAT = "visalign-ppd-user-branch"
 
 
@@ -75,6 +83,25 @@ class UserProjection(nn.Module):
             raise ValueError(f"user_embeds must be [B, {self.user_dim}], got {tuple(user_embeds.shape)}")
         tokens = self.proj(user_embeds.to(self.proj.weight.dtype))
         return tokens.view(user_embeds.shape[0], self.num_tokens, self.cross_attention_dim)
+
+
+class UserTimestepProjection(nn.Module):
+    """``e_u [B, U] -> s * e_u W_t [B, T]``, added to the UNet's timestep embedding (``T`` its width).
+
+    Bias-free and zero-initialised: the model starts as the base model and a zero embedding adds
+    nothing. The UNet's forward pre-hook computes the shift and hands it to a forward hook on
+    ``unet.time_embedding`` (:func:`_timestep_hook`).
+    """
+
+    def __init__(self, user_dim: int, time_embed_dim: int) -> None:
+        super().__init__()
+        self.user_dim, self.time_embed_dim = user_dim, time_embed_dim
+        self.proj = nn.Linear(user_dim, time_embed_dim, bias=False)
+        nn.init.zeros_(self.proj.weight)
+        self.scale = 1.0
+
+    def forward(self, user_embeds: Tensor) -> Tensor:
+        return self.scale * self.proj(user_embeds.to(self.proj.weight.dtype))
 
 
 class UserAttnProcessor(nn.Module):
@@ -136,14 +163,35 @@ class PassThroughProcessor:
 
 
 def _tokens_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """UNet forward pre-hook: ``cross_attention_kwargs["user_embeds"]`` -> ``["user_tokens"]`` (projected once)."""
+    """UNet forward pre-hook: ``cross_attention_kwargs["user_embeds"]`` -> ``["user_tokens"]`` (projected
+    once), and the timestep path's shift for this call (``None`` without a user)."""
     extra = kwargs.get("cross_attention_kwargs")
+    embeds = None
     if extra and "user_embeds" in extra:
         extra = dict(extra)
         embeds = extra.pop("user_embeds")
         extra["user_tokens"] = None if embeds is None else getattr(module, USER_PROJECTION)(embeds)
         kwargs = {**kwargs, "cross_attention_kwargs": extra}
+    path = getattr(module, USER_TIMESTEP, None)
+    if path is not None:  # set on every call, so a call without a user never sees the last call's shift
+        module.time_embedding._user_shift = None if embeds is None or path.scale == 0 else path(embeds)
     return args, kwargs
+
+
+def _timestep_hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+    """Forward hook on ``unet.time_embedding``: add the shift :func:`_tokens_hook` computed."""
+    shift = getattr(module, "_user_shift", None)
+    return output if shift is None else output + shift.to(output.dtype)
+
+
+def _add_timestep_path(generator, unet: nn.Module, user_dim: int) -> None:
+    time_embedding = getattr(unet, "time_embedding", None)
+    linear = getattr(time_embedding, "linear_2", None)
+    if not isinstance(linear, nn.Linear):
+        raise ValueError("the timestep path needs a diffusers UNet whose time_embedding ends in linear_2")
+    path = UserTimestepProjection(user_dim, linear.out_features)
+    unet.add_module(USER_TIMESTEP, path.to(device=generator.device, dtype=generator.dtype))
+    time_embedding.register_forward_hook(_timestep_hook)
 
 
 def _unet(generator) -> nn.Module:
@@ -160,12 +208,13 @@ def has_user_branch(denoiser: nn.Module) -> bool:
 
 
 def add_user_branch(generator, user_dim: int, num_tokens: int = 4, seed: int = 0,
-                    odd: bool = False) -> list[nn.Parameter]:
+                    odd: bool = False, timestep_path: bool = False) -> list[nn.Parameter]:
     """Install the user branch on ``generator``'s UNet (frozen base); return its new parameters.
 
     The projection is drawn from ``seed``; ``W_k'`` copies the text key projection and ``W_v'`` is
     zero, so the model's output is unchanged until training moves ``W_v'``. ``odd=True`` makes the
-    branch an odd function of the user embedding (module docstring).
+    branch an odd function of the user embedding; ``timestep_path=True`` adds the user's shift of
+    the timestep embedding (both in the module docstring).
     """
     unet = _unet(generator)
     if has_user_branch(unet):
@@ -187,6 +236,8 @@ def add_user_branch(generator, user_dim: int, num_tokens: int = 4, seed: int = 0
             processors[name] = PassThroughProcessor(processor)
     unet.set_attn_processor(processors)
     unet.register_forward_pre_hook(_tokens_hook, with_kwargs=True)
+    if timestep_path:
+        _add_timestep_path(generator, unet, user_dim)
     parameters = user_branch_parameters(generator)
     for p in parameters:
         p.requires_grad_(True)
@@ -205,19 +256,27 @@ def user_branch_parameters(generator) -> list[nn.Parameter]:
 
 
 def _is_user_branch(name: str) -> bool:
-    return name.startswith(USER_PROJECTION + ".") or "_user." in name
+    return name.startswith((USER_PROJECTION + ".", USER_TIMESTEP + ".")) or "_user." in name
 
 
 def set_user_scale(generator, scale: float) -> None:
     """Scale every user branch (``s`` above): 0 is the base model, 1 the trained personal model."""
-    for processor in _unet(generator).attn_processors.values():
+    unet = _unet(generator)
+    for processor in unet.attn_processors.values():
         if isinstance(processor, UserAttnProcessor):
             processor.scale = float(scale)
+    if isinstance(getattr(unet, USER_TIMESTEP, None), UserTimestepProjection):
+        getattr(unet, USER_TIMESTEP).scale = float(scale)
 
 
 def user_branch_is_odd(generator) -> bool:
     """Whether the installed user branch is odd in the embedding (``add_user_branch(odd=True)``)."""
     return any(p.odd for p in _unet(generator).attn_processors.values() if isinstance(p, UserAttnProcessor))
+
+
+def user_branch_has_timestep_path(generator) -> bool:
+    """Whether the installed user branch shifts the timestep embedding (``add_user_branch(timestep_path=True)``)."""
+    return isinstance(getattr(_unet(generator), USER_TIMESTEP, None), UserTimestepProjection)
 
 
 def _set_user_odd(generator, odd: bool) -> None:
@@ -231,13 +290,15 @@ def user_dim(generator) -> int:
 
 
 def save_user_branch(generator, path: str | os.PathLike, metadata: dict | None = None) -> Path:
-    """The user branch's weights only, as safetensors (``user_dim``/``num_tokens``/``odd`` in the metadata)."""
+    """The user branch's weights only, as safetensors (``user_dim``/``num_tokens``/``odd``/``timestep_path``
+    in the metadata)."""
     from safetensors.torch import save_file
 
     projection = getattr(_unet(generator), USER_PROJECTION)
     state = {name: p.detach().float().contiguous().cpu() for name, p in user_branch_named_parameters(generator).items()}
     info = {"format": ADAPTER_FORMAT, "user_dim": str(projection.user_dim), "num_tokens": str(projection.num_tokens),
-            "odd": str(user_branch_is_odd(generator)).lower(), "metadata": json.dumps(metadata or {})}
+            "odd": str(user_branch_is_odd(generator)).lower(),
+            "timestep_path": str(user_branch_has_timestep_path(generator)).lower(), "metadata": json.dumps(metadata or {})}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(path), metadata=info)
@@ -257,13 +318,20 @@ def load_user_branch(generator, path: str | os.PathLike) -> dict:
     if info.get("format") != ADAPTER_FORMAT:
         raise ValueError(f"{path} is not a PPD user branch (metadata format {info.get('format')!r}, "
                          f"expected {ADAPTER_FORMAT!r})")
-    odd = info.get("odd", "false")  # files from before the option have none: the plain branch
-    if odd not in ("true", "false"):
-        raise ValueError(f"{path}: metadata 'odd' must be 'true' or 'false', got {odd!r}")
+    flags = {}
+    for key in ("odd", "timestep_path"):  # files from before the options have neither: the plain branch
+        flags[key] = info.get(key, "false")
+        if flags[key] not in ("true", "false"):
+            raise ValueError(f"{path}: metadata {key!r} must be 'true' or 'false', got {flags[key]!r}")
+    timestep_path = flags["timestep_path"] == "true"
     unet = _unet(generator)
     if not has_user_branch(unet):
-        add_user_branch(generator, int(info["user_dim"]), int(info["num_tokens"]))
-    _set_user_odd(generator, odd == "true")  # the file decides the branch's function
+        add_user_branch(generator, int(info["user_dim"]), int(info["num_tokens"]), timestep_path=timestep_path)
+    elif user_branch_has_timestep_path(generator) != timestep_path:
+        raise ValueError(f"{path} was saved {'with' if timestep_path else 'without'} the timestep path, the "
+                         f"installed user branch has {'none' if timestep_path else 'one'}: load it on a UNet "
+                         f"without a user branch")
+    _set_user_odd(generator, flags["odd"] == "true")  # the file decides the branch's function
     own = user_branch_named_parameters(generator)
     if set(own) != set(state):
         missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
@@ -329,6 +397,8 @@ class PPDOptions:
     odd: bool = field(False, help="make the user branch odd in the embedding, branch(-e) = -branch(e): the user "
                                   "with the opposite choices gets the opposite change, and no change is shared "
                                   "by all users (suits visalign's preference-direction embeddings; not in the paper)")
+    timestep_path: bool = field(False, help="also add a projection of the user embedding to the UNet's timestep "
+                                            "embedding: a global path for whole-image tastes (not in the paper)")
 
 
 @register_objective("ppd")
@@ -363,10 +433,14 @@ class PPD(Objective):
             if dim is None:
                 raise ConfigError("PPD needs a user branch: call add_user_branch(generator, user_dim) or set "
                                   "options.user_embeddings so its dimension is known")
-            add_user_branch(generator, dim, self.options.num_tokens, odd=self.options.odd)
-        elif user_branch_is_odd(generator) != self.options.odd:
-            raise ConfigError(f"options.odd is {self.options.odd} but the installed user branch has odd="
-                              f"{user_branch_is_odd(generator)} (add_user_branch(..., odd=...) must agree)")
+            add_user_branch(generator, dim, self.options.num_tokens, odd=self.options.odd,
+                            timestep_path=self.options.timestep_path)
+        else:
+            installed = {"odd": user_branch_is_odd(generator), "timestep_path": user_branch_has_timestep_path(generator)}
+            for key, value in installed.items():
+                if getattr(self.options, key) != value:
+                    raise ConfigError(f"options.{key} is {getattr(self.options, key)} but the installed user branch "
+                                      f"has {key}={value} (add_user_branch(..., {key}=...) must agree)")
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The user branch: what ``visalign train`` optimises (plus LoRA with ``train_lora``)."""
@@ -377,7 +451,7 @@ class PPD(Objective):
         o = self.options
         return save_user_branch(self.generator, Path(directory) / "user_branch.safetensors",
                                 {"objective": "ppd", "beta": o.beta, "user_dropout": o.user_dropout,
-                                 "train_lora": o.train_lora, "odd": o.odd})
+                                 "train_lora": o.train_lora, "odd": o.odd, "timestep_path": o.timestep_path})
 
     def user_embeds(self, batch: dict) -> Tensor:
         if batch.get("user_embeds") is not None:
