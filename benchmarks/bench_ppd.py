@@ -1,6 +1,6 @@
-"""What the PPD user branch costs: the UNet forward with and without a user (plain and odd branch,
-``PPDOptions.odd``), and one PPD training step (user branch only, plain and odd) against one
-Diffusion-DPO step (LoRA), measured interleaved in one run.
+"""What the PPD user branch costs: the UNet forward with and without a user (plain branch, odd
+branch ``PPDOptions.odd``, odd branch with ``timestep_path``), and one PPD training step (user
+branch only, the same three) against one Diffusion-DPO step (LoRA), measured interleaved in one run.
 
     python benchmarks/bench_ppd.py --model assets/testbed/sd --batch 16 --repeats 20
 """
@@ -44,6 +44,8 @@ def main() -> None:
     add_user_branch(ppd_model, args.user_dim)
     odd_model = copy.deepcopy(base)
     add_user_branch(odd_model, args.user_dim, odd=True)
+    path_model = copy.deepcopy(base)
+    add_user_branch(path_model, args.user_dim, odd=True, timestep_path=True)
     dpo_model = copy.deepcopy(base)
     dpo_model.add_lora(rank=4)
     size = base.default_resolution
@@ -57,6 +59,7 @@ def main() -> None:
     t = torch.full((args.batch,), 500)
     ppd, dpo = PPD(ppd_model, PPDOptions(user_dropout=0.0)), DiffusionDPO(dpo_model, DPOOptions())
     odd = PPD(odd_model, PPDOptions(user_dropout=0.0, odd=True))
+    path = PPD(path_model, PPDOptions(user_dropout=0.0, odd=True, timestep_path=True))
 
     def forward(model, c):
         with torch.no_grad():
@@ -71,9 +74,11 @@ def main() -> None:
         "forward_ppd_no_user": lambda: forward(ppd_model, cond),
         "forward_ppd_user": lambda: forward(ppd_model, with_user(cond, users)),
         "forward_odd_user": lambda: forward(odd_model, with_user(cond, users)),
+        "forward_odd_path_user": lambda: forward(path_model, with_user(cond, users)),
         "step_dpo_lora": lambda: step(dpo),
         "step_ppd_branch": lambda: step(ppd),
         "step_odd_branch": lambda: step(odd),
+        "step_odd_path_branch": lambda: step(path),
     }
     for fn in cases.values():  # warm-up
         fn()
@@ -90,6 +95,8 @@ def main() -> None:
             "step_ppd_over_dpo_lora": results["step_ppd_branch"] / results["step_dpo_lora"],
             "forward_odd_user_over_base": results["forward_odd_user"] / results["forward_base"],
             "step_odd_over_plain_ppd": results["step_odd_branch"] / results["step_ppd_branch"],
+            "forward_odd_path_user_over_odd_user": results["forward_odd_path_user"] / results["forward_odd_user"],
+            "step_odd_path_over_odd": results["step_odd_path_branch"] / results["step_odd_branch"],
         },
         "trainable_parameters": {"ppd_branch": sum(p.numel() for p in ppd.trainable_parameters()),
                                  "dpo_lora_rank4": sum(p.numel() for p in dpo_model.trainable_parameters()),
