@@ -207,19 +207,27 @@ def test_odd_branch_gives_the_opposite_user_the_opposite_term(sd, odd):
     assert (whole < 0.05) if odd else (whole > 0.2)  # measured: 0.02 odd, 0.47 plain
 
 
+def save_and_reload(objective, loaded_sd, tmp_path):
+    """Save ``objective``'s user branch and load it into a fresh copy of the base, which must then
+    give the same personal output; returns ``(fresh, metadata, path, cond, expected output)``."""
+    path = objective.save_trained(tmp_path)
+    cond = objective.generator.encode_prompt(PROMPTS[:2])
+    expected = denoise(objective.generator, with_user(cond, users(2)))
+    fresh = copy.deepcopy(loaded_sd)
+    metadata = load_user_branch(fresh, path)
+    assert torch.allclose(denoise(fresh, with_user(cond, users(2))), expected, atol=1e-6)
+    return fresh, metadata, path, cond, expected
+
+
 def test_odd_option_must_match_the_installed_branch_and_survives_save_load(sd, loaded_sd, tmp_path):
     add_user_branch(sd, USER_DIM, odd=True)
     with pytest.raises(Exception, match="options.odd is False but the installed user branch has odd=True"):
         PPD(sd, PPDOptions())
     objective = PPD(sd, PPDOptions(odd=True, user_dropout=0.0))
     perturb_user_values(sd)
-    path = objective.save_trained(tmp_path)
-    cond = sd.encode_prompt(PROMPTS[:2])
-    expected = denoise(sd, with_user(cond, users(2)))
-    fresh = copy.deepcopy(loaded_sd)
-    assert load_user_branch(fresh, path)["odd"] is True
+    fresh, metadata, _, _, _ = save_and_reload(objective, loaded_sd, tmp_path)
+    assert metadata["odd"] is True
     assert user_branch_is_odd(fresh)
-    assert torch.allclose(denoise(fresh, with_user(cond, users(2))), expected, atol=1e-6)
     # PPD installs an odd branch itself when the UNet has none
     other = copy.deepcopy(loaded_sd)
     from safetensors.torch import save_file
@@ -285,13 +293,9 @@ def test_timestep_path_survives_save_load_and_must_match(sd, loaded_sd, tmp_path
     perturb_user_values(sd)
     with torch.no_grad():
         sd.denoiser.user_timestep.proj.weight.normal_(0, 0.1)
-    path = objective.save_trained(tmp_path)
-    cond = sd.encode_prompt(PROMPTS[:2])
-    expected = denoise(sd, with_user(cond, users(2)))
-    fresh = copy.deepcopy(loaded_sd)
-    assert load_user_branch(fresh, path)["timestep_path"] is True
+    fresh, metadata, path, cond, expected = save_and_reload(objective, loaded_sd, tmp_path)
+    assert metadata["timestep_path"] is True
     assert user_branch_has_timestep_path(fresh)
-    assert torch.allclose(denoise(fresh, with_user(cond, users(2))), expected, atol=1e-6)
     # a copy of the loaded model carries the path (the hooks hold no reference to the original)
     copied = copy.deepcopy(fresh)
     assert torch.allclose(denoise(copied, with_user(cond, users(2))), expected, atol=1e-6)
