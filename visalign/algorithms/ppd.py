@@ -179,8 +179,10 @@ def _tokens_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, d
 
 
 def _timestep_hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
-    """Forward hook on ``unet.time_embedding``: add the shift :func:`_tokens_hook` computed."""
+    """Forward hook on ``unet.time_embedding``: add the shift :func:`_tokens_hook` computed, and drop
+    it, so no graph tensor outlives the call (a module holding one cannot be deep-copied)."""
     shift = getattr(module, "_user_shift", None)
+    module._user_shift = None
     return output if shift is None else output + shift.to(output.dtype)
 
 
