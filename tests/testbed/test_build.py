@@ -153,6 +153,45 @@ def test_a_build_sized_in_minutes_probes_the_step_rate_and_records_the_steps_it_
                           work_dir=str(work), reward_family=None, denoiser_minutes=0))
 
 
+def test_a_build_can_switch_the_sd_model_to_v_prediction_at_zero_terminal_snr(quick_build, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from visalign.models import load_generator
+
+    out, _ = quick_build
+    assets = tmp_path / "assets"
+    shutil.copytree(out / "assets", assets)
+    config = BuildConfig(quick=True, families=["sd"], init_from=str(assets), out=str(assets),
+                         work_dir=str(tmp_path / "work"), reward_family=None, sd_prediction="v_prediction",
+                         zero_terminal_snr=True)
+    built_with = build(config)["models"]["sd"]["built_with"]
+    assert built_with["schedule"] == {"prediction_type": "v_prediction", "rescale_betas_zero_snr": True,
+                                      "timestep_spacing": "trailing"}
+    scheduler = json.loads((assets / "sd" / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["prediction_type"] == "v_prediction" and scheduler["rescale_betas_zero_snr"] is True
+    generator = load_generator(assets / "sd")
+    # Zero terminal SNR: the last training timestep is pure noise, and sampling starts there.
+    assert generator.alphas_cumprod[-1] == 0 and generator.alphas_cumprod[-2] > 0
+    assert generator.sampling_timesteps(4)[0].tolist() == [999, 749, 499, 249]
+    images = generator.sample(["a red circle"], num_inference_steps=4).images
+    assert torch.isfinite(images).all()
+    plain = StableDiffusionPipeline.from_pretrained(assets / "sd", safety_checker=None, requires_safety_checker=False)
+    assert plain.scheduler.config.timestep_spacing == "trailing"
+    assert json.loads((out / "assets" / "sd" / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == "epsilon"
+
+
+def test_a_zero_terminal_snr_schedule_without_v_prediction_is_refused_before_any_work(tmp_path):
+    from visalign.testbed.build import sd_schedule
+
+    assert sd_schedule(BuildConfig()) == {}
+    with pytest.raises(ValueError, match="v_prediction"):
+        build(BuildConfig(quick=True, families=["sd"], zero_terminal_snr=True, out=str(tmp_path / "out"),
+                          work_dir=str(tmp_path / "work"), reward_family=None))
+    with pytest.raises(ValueError, match="sd_prediction"):
+        sd_schedule(BuildConfig(sd_prediction="sample"))
+    assert not (tmp_path / "work").exists()
+
+
 def _fresh_unet_distance(out, old):
     """How far a freshly initialised testbed UNet is from ``old`` (the scale a restart would move)."""
     from visalign.models.tiny import build_tiny_components

@@ -64,6 +64,12 @@ class BuildConfig:
                                                 "denoiser; frozen random ones condition too weakly")
     batch_size: int = field(32, help="denoiser batch size")
     lr: float = field(1e-3, help="denoiser peak learning rate (cosine schedule)")
+    sd_prediction: str = field("epsilon", help="SD family's training target: epsilon (the shipped model) or "
+                                               "v_prediction (switches a continued model to it; epsilon "
+                                               "keeps a continued model's own target)")
+    zero_terminal_snr: bool = field(False, help="SD family: rescale the noise schedule to zero terminal SNR and "
+                                                "sample with trailing timesteps (Lin et al. 2024), so the first "
+                                                "sampling step sees pure noise as in training; needs v_prediction")
     eval_images_per_prompt: int = field(2, help="held-out evaluation: images per prompt")
     eval_prompts: int | None = field(None, help="held-out evaluation: first N prompts (default: all)")
     eval_steps: int = field(20, help="held-out evaluation: sampling steps")
@@ -191,9 +197,36 @@ def pretrain(config: BuildConfig, family: str, vae_dir: Path, data: Path, work: 
         vae.register_to_config(shift_factor=0.0)  # SD3 pipelines read it; SD ones ignore it
     pipe.vae = vae
     pipe.register_modules(vae=vae)
+    _set_sd_schedule(pipe, family, config)
     initial = work / f"{family}-init"
     pipe.save_pretrained(initial, safe_serialization=True)
     return _sft(config, initial, data, work / f"{family}-run")
+
+
+SD_PREDICTIONS = ("epsilon", "v_prediction")
+
+
+def sd_schedule(config: BuildConfig) -> dict:
+    """The scheduler-config changes ``config`` asks of the SD family (empty: keep the schedule)."""
+    if config.sd_prediction not in SD_PREDICTIONS:
+        raise ValueError(f"sd_prediction must be one of {SD_PREDICTIONS}, got {config.sd_prediction!r}")
+    if config.zero_terminal_snr and config.sd_prediction != "v_prediction":
+        # At zero terminal SNR the last timestep's x_t holds no signal: an epsilon model cannot recover x0 from it.
+        raise ValueError("zero_terminal_snr=true needs sd_prediction=v_prediction (epsilon cannot predict x0 "
+                         "from pure noise)")
+    changes = {} if config.sd_prediction == "epsilon" else {"prediction_type": config.sd_prediction}
+    if config.zero_terminal_snr:
+        changes.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    return changes
+
+
+def _set_sd_schedule(pipe, family: str, config: BuildConfig) -> None:
+    changes = sd_schedule(config)
+    if family != "sd" or not changes:
+        return
+    scheduler = type(pipe.scheduler).from_config({**pipe.scheduler.config, **changes})
+    pipe.scheduler = scheduler
+    pipe.register_modules(scheduler=scheduler)
 
 
 PROBE_STEPS = (10, 40)  # the rate is measured between these two steps of a probe run
@@ -247,7 +280,9 @@ def continue_from(config: BuildConfig, family: str, previous: Path, data: Path, 
     from ..models import load_generator
 
     initial = work / f"{family}-continue-init"
-    load_generator(previous, torch_dtype=torch.float32).pipe.save_pretrained(initial, safe_serialization=True)
+    pipe = load_generator(previous, torch_dtype=torch.float32).pipe
+    _set_sd_schedule(pipe, family, config)
+    pipe.save_pretrained(initial, safe_serialization=True)
     return _sft(config, initial, data, work / f"{family}-continue-run")
 
 
@@ -278,6 +313,7 @@ def build(config: BuildConfig) -> dict:
 
     if config.size not in SIZES[1:]:
         raise ValueError(f"size must be one of {SIZES[1:]}, got {config.size!r}")
+    sd_schedule(config)  # refuse a bad schedule before any work
     if previous is not None and config.size != "testbed":
         logger.warning("size=%s is ignored: a build continued from init_from keeps its models' size", config.size)
     for family in config.families if previous is not None else ():
@@ -305,7 +341,8 @@ def build(config: BuildConfig) -> dict:
         summary["models"][family] = evaluate_base(config, shipped)
         summary["models"][family]["built_with"] = {
             **sizing, "batch_size": config.batch_size, "lr": config.lr,
-            "train_text_encoder": config.train_text_encoder, "init_from": config.init_from}
+            "train_text_encoder": config.train_text_encoder, "init_from": config.init_from,
+            **({"schedule": sd_schedule(config)} if family == "sd" and sd_schedule(config) else {})}
         timings[f"{family}_eval_s"] = time.perf_counter() - mark
     if config.video_model:
         mark = time.perf_counter()
