@@ -34,7 +34,9 @@ ROOT = Path(__file__).resolve().parent.parent
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=str(ROOT / "assets" / "testbed" / "sd"))
-    parser.add_argument("--reward", default=None, help="default: testbed-reward if shipped, else testbed-oracle")
+    parser.add_argument("--reward", default=None, help="default: testbed-reward if shipped, else testbed-oracle; "
+                                                      "'brightness' (mean pixel value) is a diagnostic any policy "
+                                                      "can move")
     parser.add_argument("--methods", default="prdp,ddpo")
     parser.add_argument("--steps", type=int, default=40, help="optimisation steps per method")
     parser.add_argument("--refresh-every", type=int, default=4)
@@ -58,6 +60,24 @@ def parse_args(argv=None):
                         help="skip the base model's evaluation (run it in one of several parallel processes)")
     parser.add_argument("--out", default="runs/efficacy_online")
     return parser.parse_args(argv)
+
+
+def register_brightness() -> None:
+    """Register ``brightness``, the mean pixel value in [0, 1], as a diagnostic reward (not in the
+    library): the background colour decides most of it, so any working online objective can raise
+    it. It tells an objective that cannot optimise at all from a reward that gives it little to
+    learn at this budget."""
+    import rewards
+    from rewards.base import Reward
+
+    class Brightness(Reward):
+        name = "brightness"
+
+        def forward(self, images, prompts=None):
+            return images.float().mean(dim=(1, 2, 3))
+
+    if "brightness" not in rewards.available():
+        rewards.register("brightness", Brightness, description="mean pixel value (efficacy_online's diagnostic)")
 
 
 def default_reward() -> str:
@@ -141,6 +161,7 @@ def main(argv=None):
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    register_brightness()
     reward = args.reward or default_reward()
     prompts = [r.prompt for r in load_prompts("heldout")][:: args.eval_stride]
     base = {"accuracy": float("nan")}
