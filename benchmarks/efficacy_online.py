@@ -148,7 +148,8 @@ def run_method(method: str, args, reward: str, prompts, out: Path) -> dict:
     Trainer(config, callbacks=[evaluate_now]).train()
     wall = time.perf_counter() - start
     rows = [json.loads(line) for line in (out / method / "logs" / "metrics.jsonl").read_text().splitlines()]
-    refreshes = [r for r in rows if (r["step"] - 1) % args.refresh_every == 0]
+    # Evaluation rows share a step with the training row; only the training row has reward_mean.
+    refreshes = [r for r in rows if (r["step"] - 1) % args.refresh_every == 0 and "reward_mean" in r]
     return {"method": method, "curve": curve, "wall_s": wall,
             "train_reward": [{"step": r["step"], "reward_mean": r.get("reward_mean")} for r in refreshes],
             "last_metrics": rows[-1]}
