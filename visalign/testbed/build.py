@@ -224,7 +224,7 @@ def _set_sd_schedule(pipe, family: str, config: BuildConfig) -> None:
     changes = sd_schedule(config)
     if family != "sd" or not changes:
         return
-    scheduler = type(pipe.scheduler).from_config({**pipe.scheduler.config, **changes})
+    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, **changes)
     pipe.scheduler = scheduler
     pipe.register_modules(scheduler=scheduler)
 
@@ -313,7 +313,7 @@ def build(config: BuildConfig) -> dict:
 
     if config.size not in SIZES[1:]:
         raise ValueError(f"size must be one of {SIZES[1:]}, got {config.size!r}")
-    sd_schedule(config)  # refuse a bad schedule before any work
+    schedule = sd_schedule(config)  # refuses a bad schedule before any work
     if previous is not None and config.size != "testbed":
         logger.warning("size=%s is ignored: a build continued from init_from keeps its models' size", config.size)
     for family in config.families if previous is not None else ():
@@ -342,7 +342,7 @@ def build(config: BuildConfig) -> dict:
         summary["models"][family]["built_with"] = {
             **sizing, "batch_size": config.batch_size, "lr": config.lr,
             "train_text_encoder": config.train_text_encoder, "init_from": config.init_from,
-            **({"schedule": sd_schedule(config)} if family == "sd" and sd_schedule(config) else {})}
+            **({"schedule": schedule} if family == "sd" and schedule else {})}
         timings[f"{family}_eval_s"] = time.perf_counter() - mark
     if config.video_model:
         mark = time.perf_counter()
