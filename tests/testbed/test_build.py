@@ -26,6 +26,7 @@ def test_quick_build_writes_loadable_models_and_figures(quick_build):
     for family in ("sd", "sd3"):
         figures = summary["models"][family]
         assert 0.0 <= figures["heldout_accuracy"] <= 1.0 and 0.0 <= figures["heldout_geneval_score"] <= 1.0 and set(figures["per_category"]) >= {"single_object"}
+        assert set(figures["recall"]) == {"colour", "shape", "colour_shape"}
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(out / "assets" / "sd", torch_dtype=torch.float32)
     assert pipe.unet.dtype == torch.float32
     assert pipe.vae.config.scaling_factor != 0.18215  # set from the trained VAE's latent statistics
@@ -70,6 +71,8 @@ def test_evaluate_reports_zero_drift_against_itself(quick_build):
     assert report.drift == 0.0 and report.diversity > 0 and report.num_images == 6
     path = write_report({"model": report}, out / "report", images_per_prompt=2)
     assert "| model |" in path.read_text() and (out / "report" / "per_category.png").exists()
+    assert set(report.recall) == {"colour", "shape", "colour_shape"} and all(0 <= v <= 1 for v in report.recall.values())
+    assert "| model | colour | shape | colour_shape |" in path.read_text()
 
 
 def test_raft_keeps_the_best_candidate_of_each_prompt(quick_build):

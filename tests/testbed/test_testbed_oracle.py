@@ -256,3 +256,18 @@ def test_geneval_score_weighs_categories_equally():
     assert result.accuracy == pytest.approx(0.75)
     assert result.geneval_score == pytest.approx(0.5)
     assert math.isnan(oracle(torch.zeros(0, 3, 32, 32), []).geneval_score)
+
+
+def test_attribute_recall_hand_values_and_exact_on_renders(ground_truth):
+    """Swapped colours get every colour and shape but no colour-shape pair; a missing object
+    halves the shape recall; prompts without colours do not count towards the colour kinds."""
+    prompts = ["a red square and a blue circle", "a red circle", "a circle and a square"]
+    scenes = [Scene((SceneObject("square", "blue", 0.3, 0.5, 0.14), SceneObject("circle", "red", 0.7, 0.5, 0.14)), "white"),
+              scene_for_prompt("a red circle", 0),
+              Scene((SceneObject("circle", "green", 0.5, 0.5, 0.2),), "black")]
+    result = oracle(render_batch(scenes), prompts)
+    assert result.correct.tolist() == [False, True, False], result.reasons
+    assert result.recall == pytest.approx({"colour": 1.0, "shape": (1 + 1 + 0.5) / 3, "colour_shape": 0.5})
+    prompts, scenes = ground_truth
+    assert oracle(render_batch(scenes), prompts).recall == {"colour": 1.0, "shape": 1.0, "colour_shape": 1.0}
+    assert oracle(torch.zeros(0, 3, 32, 32), []).recall == {}

@@ -29,6 +29,7 @@ class EvalReport:
     drift: float | None
     num_images: int
     geneval_score: float = float("nan")  # mean of per_category (GenEval's overall score)
+    recall: dict[str, float] = field(default_factory=dict)  # the oracle's per-attribute recall
     prompts: list[str] = field(repr=False, default_factory=list)
     images: torch.Tensor | None = field(default=None, repr=False)
 
@@ -101,6 +102,7 @@ def evaluate(generator, prompts: Sequence[str], *, images_per_prompt: int = 4, n
         drift=drift,
         num_images=len(images),
         geneval_score=verdict.geneval_score,
+        recall=dict(verdict.recall),
         prompts=prompts,
         images=images if keep_images else None,
     )
@@ -132,6 +134,13 @@ def write_report(reports: dict[str, EvalReport], directory: str | Path, images_p
               "|---|" + "---|" * len(categories)]
     for name, report in reports.items():
         lines.append(f"| {name} | " + " | ".join(f"{report.per_category.get(c, float('nan')):.2f}" for c in categories) + " |")
+    kinds = [k for k in ("colour", "shape", "colour_shape") if any(k in r.recall for r in reports.values())]
+    if kinds:
+        lines += ["", "Which parts of the prompts the images get (share of named colours / shapes / colour-shape "
+                  "pairs found on some object, counts and relations ignored):", "",
+                  "| model | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
+        for name, report in reports.items():
+            lines.append(f"| {name} | " + " | ".join(f"{report.recall.get(k, float('nan')):.2f}" for k in kinds) + " |")
     for name, report in reports.items():
         if report.images is None:
             continue

@@ -407,7 +407,7 @@ def evaluate_base(config: BuildConfig, model: Path) -> dict:
     report = evaluate(generator, prompts, images_per_prompt=config.eval_images_per_prompt,
                       num_inference_steps=config.eval_steps, guidance_scale=config.guidance_scale, seed=config.seed)
     return {"heldout_accuracy": report.accuracy, "heldout_geneval_score": report.geneval_score,
-            "per_category": report.per_category, "quality": report.quality,
+            "per_category": report.per_category, "recall": report.recall, "quality": report.quality,
             "eval_images_per_prompt": config.eval_images_per_prompt}
 
 

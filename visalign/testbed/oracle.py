@@ -119,6 +119,10 @@ class OracleResult:
             per-image mean).
         reasons: per image, why it is wrong ("" when correct).
         objects: per image, the objects found.
+        recall: which parts of the prompts the images get, whether or not the whole prompt holds:
+            ``colour`` (share of named colours found on some object, any shape), ``shape`` (named
+            shapes found, any colour) and ``colour_shape`` (named colour-shape pairs found), each
+            averaged over the images whose prompts name one (see :func:`attribute_recall`).
     """
 
     correct: torch.Tensor
@@ -127,6 +131,7 @@ class OracleResult:
     per_category: dict[str, float]
     reasons: list[str]
     objects: list[list[DetectedObject]] = field(repr=False)
+    recall: dict[str, float] = field(default_factory=dict)
 
     @property
     def accuracy(self) -> float:
@@ -135,6 +140,26 @@ class OracleResult:
     @property
     def geneval_score(self) -> float:
         return category_mean(self.per_category)
+
+
+def attribute_recall(specs: Sequence[PromptSpec], objects: Sequence[Sequence[DetectedObject]]) -> dict[str, float]:
+    """Per-attribute recall of a batch: for each image, the share of its prompt's named colours,
+    shapes and (colour, shape) pairs present among the objects found (counts and relations
+    ignored), averaged over the images whose prompt names that kind of attribute; a kind no
+    prompt names is left out. It tells which part of prompt following a model lacks (a model that
+    draws the named colours as blobs of the wrong shape has high ``colour``, low ``shape``)."""
+    sums = {"colour": [0.0, 0], "shape": [0.0, 0], "colour_shape": [0.0, 0]}
+    for spec, found in zip(specs, objects):
+        named = {"colour": [o.colour for o in spec.objects if o.colour],
+                 "shape": [o.shape for o in spec.objects],
+                 "colour_shape": [(o.colour, o.shape) for o in spec.objects if o.colour]}
+        present = {"colour": {o.colour for o in found}, "shape": {o.shape for o in found},
+                   "colour_shape": {(o.colour, o.shape) for o in found}}
+        for kind, wanted in named.items():
+            if wanted:
+                sums[kind][0] += sum(w in present[kind] for w in wanted) / len(wanted)
+                sums[kind][1] += 1
+    return {kind: total / count for kind, (total, count) in sums.items() if count}
 
 
 def category_mean(per_category: dict[str, float]) -> float:
@@ -373,6 +398,7 @@ def oracle(images: torch.Tensor, prompts: Sequence[str], config: OracleConfig = 
         per_category=per_category,
         reasons=[reason for _, reason in verdicts],
         objects=segmentation.objects,
+        recall=attribute_recall(specs, segmentation.objects),
     )
 
 
