@@ -68,16 +68,13 @@ def register_brightness() -> None:
     it. It tells an objective that cannot optimise at all from a reward that gives it little to
     learn at this budget."""
     import rewards
-    from rewards.base import Reward
 
-    class Brightness(Reward):
-        name = "brightness"
-
-        def forward(self, images, prompts=None):
-            return images.float().mean(dim=(1, 2, 3))
+    def brightness() -> rewards.Reward:
+        return rewards.FunctionReward(lambda images, prompts: images.float().mean(dim=(1, 2, 3)), name="brightness",
+                                      differentiable=True)
 
     if "brightness" not in rewards.available():
-        rewards.register("brightness", Brightness, description="mean pixel value (efficacy_online's diagnostic)")
+        rewards.register("brightness", brightness, description="mean pixel value (efficacy_online's diagnostic)")
 
 
 def default_reward() -> str:

@@ -134,7 +134,7 @@ def write_report(reports: dict[str, EvalReport], directory: str | Path, images_p
               "|---|" + "---|" * len(categories)]
     for name, report in reports.items():
         lines.append(f"| {name} | " + " | ".join(f"{report.per_category.get(c, float('nan')):.2f}" for c in categories) + " |")
-    kinds = [k for k in ("colour", "shape", "colour_shape") if any(k in r.recall for r in reports.values())]
+    kinds = list(dict.fromkeys(kind for report in reports.values() for kind in report.recall))
     if kinds:
         lines += ["", "Which parts of the prompts the images get (share of named colours / shapes / colour-shape "
                   "pairs found on some object, counts and relations ignored):", "",
