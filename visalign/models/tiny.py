@@ -51,6 +51,15 @@ SD_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear
                 set_alpha_to_one=False, steps_offset=1)
 
 
+# UNet2DConditionModel's ``attention_head_dim`` is, for historical reasons, the *number of heads*
+# per block (diffusers refuses ``num_attention_heads`` for this class; SD 1.5's 8 means 8 heads of
+# 40 channels). Until session 18 the testbed UNets passed 16 and 32 meaning a head width, which
+# gave 16-32 heads of 2-4 channels each: attention that can hardly route by content, and CPU
+# attention kernels 3-4x slower for the whole training step. (2, 4) heads over 32/64 channels are
+# 16-wide heads (32-wide in testbed-wide), as ``test_testbed_unet_heads`` checks.
+_TESTBED_HEADS = (2, 4)
+
+
 def tiny_unet_kwargs(**overrides) -> dict:
     """The tiny UNets' shared layout (2D and 3D): two levels of 32/64 channels at 8x8 latents."""
     return {"sample_size": 8, "in_channels": 4, "out_channels": 4, "block_out_channels": (32, 64),
@@ -137,7 +146,7 @@ def build_tiny_components(family: str, seed: int = 0, tokenizer_dir: str | os.Pa
             down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
             cross_attention_dim=_WIDE_TEXT_WIDTH,
-            attention_head_dim=32,
+            attention_head_dim=(2, 4),  # the number of heads (see _TESTBED_HEADS): 32-wide heads
             norm_num_groups=32,
             use_linear_projection=family == "sd-v",
         ))
@@ -146,7 +155,7 @@ def build_tiny_components(family: str, seed: int = 0, tokenizer_dir: str | os.Pa
             sample_size=latent_size,
             down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-            attention_head_dim=16,
+            attention_head_dim=_TESTBED_HEADS,
             norm_num_groups=16,
             use_linear_projection=family == "sd-v",
         ))

@@ -81,6 +81,9 @@ class BuildConfig:
     video_model: bool = field(False, help="also train the video testbed's base model: a motion adapter for the built sd "
                                           "model (visalign.testbed.video_model; about an hour on a 2-core CPU)")
     video_steps: int = field(800, help="video model: motion adapter training steps")
+    vae_from: str | None = field(None, help="reuse a trained VAE instead of training one (a model folder with vae/, "
+                                            "e.g. assets/testbed/sd, or a VAE folder): from-scratch denoisers on the "
+                                            "shipped models' latent space; the VAE phase is skipped")
     init_from: str | None = field(None, help="continue pretraining from a previous build (a folder holding <family>/ "
                                              "model folders, e.g. assets/testbed) instead of from scratch; its VAE is "
                                              "reused and the VAE phase skipped")
@@ -176,6 +179,17 @@ def train_vae(config: BuildConfig, data: Path, work: Path) -> Path:
     return trained / "vae"
 
 
+def reused_vae(path: str) -> Path:
+    """The VAE folder ``vae_from`` names: ``path/vae`` of a model folder, or ``path`` itself."""
+    folder = Path(path)
+    for candidate in (folder / "vae", folder):
+        config = candidate / "config.json"
+        if config.exists() and json.loads(config.read_text()).get("_class_name") == "AutoencoderKL":
+            return candidate
+    raise FileNotFoundError(f"vae_from: no AutoencoderKL folder at {folder} or {folder / 'vae'} "
+                            f"(expected a config.json with _class_name AutoencoderKL)")
+
+
 def _load_images(captions: Path, count: int) -> torch.Tensor:
     from PIL import Image
 
@@ -192,7 +206,7 @@ def pretrain(config: BuildConfig, family: str, vae_dir: Path, data: Path, work: 
     from ..models.tiny import build_tiny_pipeline
 
     pipe = build_tiny_pipeline(family, seed=config.seed, tokenizer_dir=work / f"{family}-tokenizer", size=config.size)
-    vae = AutoencoderKL.from_pretrained(vae_dir)
+    vae = AutoencoderKL.from_pretrained(vae_dir, torch_dtype=torch.float32)  # a shipped VAE is fp16
     if family == "sd3":
         vae.register_to_config(shift_factor=0.0)  # SD3 pipelines read it; SD ones ignore it
     pipe.vae = vae
@@ -320,11 +334,14 @@ def build(config: BuildConfig) -> dict:
         if not (previous / family / "model_index.json").exists():
             raise FileNotFoundError(f"init_from: {previous / family} is not a diffusers model folder (no "
                                     f"model_index.json); init_from takes a folder holding one per family")
+    vae_dir = reused_vae(config.vae_from) if config.vae_from and previous is None else None
+    if config.vae_from and previous is not None:
+        logger.warning("vae_from is ignored: a build continued from init_from keeps its models' VAE")
     work.mkdir(parents=True, exist_ok=True)
     timings = {}
     data = render_dataset(work / "data", config.num_images, config.caption_noise, config.seed)
     timings["render_s"] = time.perf_counter() - start
-    if previous is None:
+    if previous is None and vae_dir is None:
         mark = time.perf_counter()
         vae_dir = train_vae(config, data, work)
         timings["vae_s"] = time.perf_counter() - mark
