@@ -110,3 +110,17 @@ def test_a_tokenizer_folder_without_its_vocabulary_is_refused(tiny_model_dir, tm
         (folder / "tokenizer" / name).unlink(missing_ok=True)
     with pytest.raises(ModelLoadError, match="tokenizer has .* tokens but text_encoder has a vocabulary of 49408"):
         load_generator(folder)
+
+
+@pytest.mark.parametrize("size, head_width", [("testbed", 16), ("testbed-wide", 32)])
+def test_testbed_unet_heads_are_as_wide_as_intended(size, head_width, tmp_path):
+    # diffusers' UNet2DConditionModel reads ``attention_head_dim`` as the number of heads; the
+    # testbed sizes once passed a width there and got 2-4-channel heads (a 3.6x slower step).
+    from diffusers.models.attention_processor import Attention
+
+    from visalign.models.tiny import build_tiny_components
+
+    unet = build_tiny_components("sd", size=size, tokenizer_dir=tmp_path)["unet"]
+    attentions = [module for module in unet.modules() if isinstance(module, Attention)]
+    assert len(attentions) == 14  # self- and cross-attention of 7 transformers: 2 down, 1 mid, 2 x 2 up
+    assert {module.inner_dim // module.heads for module in attentions} == {head_width}

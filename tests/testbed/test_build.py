@@ -237,6 +237,22 @@ def test_a_wide_build_ships_wider_denoisers_on_a_compact_vocabulary_in_small_fol
         build(BuildConfig(quick=True, families=["sd"], size="huge", out=str(out), work_dir=str(tmp_path / "work")))
 
 
+def test_a_build_can_reuse_a_trained_vae_and_refuses_a_folder_without_one(quick_build, tmp_path):
+    from safetensors.torch import load_file
+
+    shipped, _ = quick_build
+    out = tmp_path / "assets"
+    summary = build(BuildConfig(quick=True, families=["sd"], vae_from=str(shipped / "assets" / "sd"), out=str(out),
+                                work_dir=str(tmp_path / "work"), reward_family=None))
+    assert "vae_s" not in summary["timings"]  # no VAE phase
+    weights = "vae/diffusion_pytorch_model.safetensors"
+    reused, original = load_file(out / "sd" / weights), load_file(shipped / "assets" / "sd" / weights)
+    assert reused.keys() == original.keys() and all(torch.equal(reused[k], original[k]) for k in original)
+    with pytest.raises(FileNotFoundError, match="vae_from"):
+        build(BuildConfig(quick=True, families=["sd"], vae_from=str(tmp_path / "work"), out=str(tmp_path / "other"),
+                          work_dir=str(tmp_path / "work2"), reward_family=None))
+
+
 def test_continuing_from_a_folder_without_models_is_a_clear_error(tmp_path):
     config = BuildConfig(quick=True, families=["sd"], init_from=str(tmp_path / "nothing"), out=str(tmp_path / "out"),
                          work_dir=str(tmp_path / "work"), reward_family=None)
