@@ -115,7 +115,7 @@ def test_a_tokenizer_folder_without_its_vocabulary_is_refused(tiny_model_dir, tm
 @pytest.mark.parametrize("size, head_width", [("testbed", 16), ("testbed-wide", 32)])
 def test_testbed_unet_heads_are_as_wide_as_intended(size, head_width, tmp_path):
     # diffusers' UNet2DConditionModel reads ``attention_head_dim`` as the number of heads; the
-    # testbed sizes once passed a width there and got 2-4-channel heads (a 3.6x slower step).
+    # testbed sizes once passed a width there and got 2-4-channel heads (a 3x slower step).
     from diffusers.models.attention_processor import Attention
 
     from visalign.models.tiny import build_tiny_components
