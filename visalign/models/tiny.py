@@ -55,8 +55,8 @@ SD_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear
 # per block (diffusers refuses ``num_attention_heads`` for this class; SD 1.5's 8 means 8 heads of
 # 40 channels). Until session 18 the testbed UNets passed 16 and 32 meaning a head width, which
 # gave 16-32 heads of 2-4 channels each: attention that can hardly route by content, and CPU
-# attention kernels 3x slower for the whole training and sampling step. (2, 4) heads over 32/64 channels are
-# 16-wide heads (32-wide in testbed-wide), as ``test_testbed_unet_heads`` checks.
+# attention kernels that made every training and sampling step 3x slower. (2, 4) heads over
+# 32/64 channels are 16-wide heads (32-wide in testbed-wide); tests/models/test_loading.py checks.
 _TESTBED_HEADS = (2, 4)
 
 
