@@ -18,6 +18,7 @@ import argparse
 import os
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,8 +28,8 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-# (size, heads before session 18, the block widths and text width of that size)
-LAYOUTS = {"testbed": (16, (32, 64), 32), "testbed-wide": (32, (64, 128), 64)}
+# the attention_head_dim (a number of heads) each size passed before session 18
+OLD_HEADS = {"testbed": 16, "testbed-wide": 32}
 
 
 def parse_args(argv=None):
@@ -53,12 +54,12 @@ def measure(size: str, old_heads: int, batch: int, repeats: int) -> dict:
 
     from visalign.models.tiny import build_tiny_components
 
-    current = build_tiny_components("sd", size=size)["unet"]
+    with tempfile.TemporaryDirectory() as tokenizer_dir:
+        current = build_tiny_components("sd", size=size, tokenizer_dir=tokenizer_dir)["unet"]
     old = UNet2DConditionModel.from_config({**current.config, "attention_head_dim": old_heads})
-    _, _, text_width = LAYOUTS[size]
     latents = torch.randn(batch, 4, 16, 16)
     timesteps = torch.randint(0, 1000, (batch,))
-    text = torch.randn(batch, 77, text_width)
+    text = torch.randn(batch, 77, current.config.cross_attention_dim)
     row = {}
     for name, unet in (("before", old), ("now", current)):
         widths = sorted({m.inner_dim // m.heads for m in unet.modules() if isinstance(m, Attention)})
@@ -86,7 +87,7 @@ def main(argv=None):
     print("| size | layout | head widths | parameters | fwd+bwd (s) | fwd (s) |")
     print("|---|---|---|---|---|---|")
     ratios = {}
-    for size, (old_heads, _, _) in LAYOUTS.items():
+    for size, old_heads in OLD_HEADS.items():
         row = measure(size, old_heads, args.batch, args.repeats)
         for name, label in (("before", f"{old_heads} heads (before)"), ("now", "(2, 4) heads (now)")):
             r = row[name]

@@ -146,7 +146,7 @@ def build_tiny_components(family: str, seed: int = 0, tokenizer_dir: str | os.Pa
             down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
             cross_attention_dim=_WIDE_TEXT_WIDTH,
-            attention_head_dim=(2, 4),  # the number of heads (see _TESTBED_HEADS): 32-wide heads
+            attention_head_dim=_TESTBED_HEADS,  # 32-wide heads over 64/128 channels
             norm_num_groups=32,
             use_linear_projection=family == "sd-v",
         ))
